@@ -1,0 +1,106 @@
+//! # switchboard-proto
+//!
+//! switchboard's wire schema as protobuf, package `switchboard.v1` (`proto/switchboard/v1/`),
+//! compiled at build time by protox (no system `protoc`). Generated types stay in [`pb`];
+//! [`to_proto`] and [`from_proto`] convert to and from the SDK's [`Envelope`], so public APIs
+//! speak SDK types.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use switchboard_core::envelope::system_time_to_millis;
+use switchboard_core::{Envelope, Error, ReplyError, Result};
+
+/// Types generated from `proto/switchboard/v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
+}
+
+/// The SDK envelope as its protobuf message.
+pub fn to_proto(env: &Envelope) -> pb::Envelope {
+    pb::Envelope {
+        id: env.id.to_string(),
+        pattern: env.pattern.clone(),
+        correlation_id: env.correlation_id.map(|c| c.to_string()).unwrap_or_default(),
+        causation_id: env.causation_id.map(|c| c.to_string()).unwrap_or_default(),
+        reply_to: env.reply_to.clone().unwrap_or_default(),
+        deadline_unix_ms: env.deadline.map(system_time_to_millis).unwrap_or(0),
+        key: env.key.clone().unwrap_or_default(),
+        error: env.error.as_ref().map(|e| pb::ReplyError {
+            code: e.code.clone(),
+            message: e.message.clone(),
+        }),
+        content_type: env.content_type.clone().unwrap_or_default(),
+        headers: env.headers.clone().into_iter().collect(),
+        payload: env.payload.clone(),
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// The protobuf message as an SDK envelope.
+///
+/// # Errors
+/// `Codec` if an id is not a UUID or the pattern is empty.
+pub fn from_proto(m: pb::Envelope) -> Result<Envelope> {
+    if m.pattern.is_empty() {
+        return Err(Error::codec("proto", "envelope has an empty pattern"));
+    }
+    let mut env = Envelope::new(m.pattern, m.payload);
+    if !m.id.is_empty() {
+        env.id = m.id.parse()?;
+    }
+    env.correlation_id = non_empty(m.correlation_id).map(|s| s.parse()).transpose()?;
+    env.causation_id = non_empty(m.causation_id).map(|s| s.parse()).transpose()?;
+    env.reply_to = non_empty(m.reply_to);
+    env.deadline = (m.deadline_unix_ms > 0)
+        .then(|| UNIX_EPOCH + Duration::from_millis(m.deadline_unix_ms));
+    env.key = non_empty(m.key);
+    env.error = m.error.map(|e| ReplyError {
+        code: e.code,
+        message: e.message,
+    });
+    env.content_type = non_empty(m.content_type);
+    env.headers = m.headers.into_iter().collect();
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use switchboard_core::{CorrelationId, MessageId};
+
+    #[test]
+    fn envelope_round_trips_through_protobuf_bytes() {
+        let mut env = Envelope::new("users.get", &b"{\"id\":1}"[..]).with_content_type("application/json");
+        env.correlation_id = Some(CorrelationId::new());
+        env.causation_id = Some(MessageId::new());
+        env.reply_to = Some("_inbox.x".into());
+        env.deadline = Some(UNIX_EPOCH + Duration::from_millis(1_732_000_000_001));
+        env.key = Some("k".into());
+        env.error = Some(ReplyError {
+            code: "not_found".into(),
+            message: "gone".into(),
+        });
+        env.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        let bytes = to_proto(&env).encode_to_vec();
+        let back = from_proto(pb::Envelope::decode(&bytes[..]).expect("decodes")).expect("valid");
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn bad_ids_are_codec_errors() {
+        let m = pb::Envelope {
+            pattern: "p".into(),
+            id: "nope".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            from_proto(m).expect_err("bad id").kind(),
+            switchboard_core::ErrorKind::Codec
+        );
+    }
+}

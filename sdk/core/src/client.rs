@@ -1,0 +1,713 @@
+//! The service-facing API: `send`, `emit`, `request`, written once over the transport SPI.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use tokio::sync::{OnceCell, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::time::{DelayQueue, delay_queue};
+use url::Url;
+
+use crate::codec::Body;
+use crate::correlator::{Correlator, Sink, WaiterGuard, await_reply};
+use crate::envelope::{CorrelationId, Envelope, header};
+use crate::error::{Error, ErrorKind, Result};
+use crate::serve::ServiceControl;
+use crate::stats::{Counters, Stats};
+use crate::transport::{Route, SubscribeOptions, Subscription, Transport};
+
+/// Client-wide settings.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Default time a `send` or `request` may take; becomes the message's deadline. Default 5 s.
+    pub timeout: Duration,
+    /// Largest encoded payload this client sends, in bytes (`None`: the transport's limit).
+    pub max_payload: Option<usize>,
+    /// How long [`Client::shutdown`] waits for in-flight handlers. Default 30 s.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            timeout: Duration::from_secs(5),
+            max_payload: None,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// URL query keys read by the client whatever the transport.
+    pub const URL_KEYS: &'static [&'static str] = &["timeout_ms"];
+
+    /// Reads the client's keys from a URL's query (`?timeout_ms=500`).
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a value that is not a positive number.
+    pub fn from_url(url: &Url) -> Result<Self> {
+        let mut cfg = ClientConfig::default();
+        for (k, v) in url.query_pairs() {
+            if k == "timeout_ms" {
+                let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                    Error::invalid_config(
+                        "core",
+                        format!("`timeout_ms` must be a positive number of milliseconds, got `{v}`"),
+                    )
+                })?;
+                cfg.timeout = Duration::from_millis(ms);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Sets the default timeout.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// Sets the client's payload limit.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = Some(bytes);
+        self
+    }
+
+    /// Sets how long shutdown waits for in-flight handlers.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+}
+
+/// Per-call settings for `send`, `emit` and `request`.
+#[non_exhaustive]
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Overrides the client's default timeout.
+    pub timeout: Option<Duration>,
+    /// Ordering key: messages with the same key are handled in order where the transport can.
+    pub key: Option<String>,
+    /// Extra headers.
+    pub headers: BTreeMap<String, String>,
+    /// The message being handled that causes this one: its id becomes the causation id, its
+    /// trace context is carried on, and its deadline bounds this call's.
+    pub(crate) parent: Option<Parent>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Parent {
+    id: crate::MessageId,
+    deadline: Option<SystemTime>,
+    trace: Vec<(String, String)>,
+}
+
+impl CallOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        CallOptions::default()
+    }
+
+    /// Sets the timeout of this call.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// Sets the ordering key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Marks the call as caused by `parent` (a message being handled): causation id, trace
+    /// context and deadline travel on.
+    pub fn caused_by(mut self, parent: &Envelope) -> Self {
+        let trace = [header::TRACEPARENT, header::TRACESTATE]
+            .iter()
+            .filter_map(|h| parent.headers.get(*h).map(|v| ((*h).to_owned(), v.clone())))
+            .collect();
+        self.parent = Some(Parent {
+            id: parent.id,
+            deadline: parent.deadline,
+            trace,
+        });
+        self
+    }
+}
+
+/// Checks a pattern: dot-separated segments of letters, digits, `-` and `_`, at most 200 bytes.
+///
+/// # Errors
+/// `InvalidConfig` saying what is wrong.
+pub fn validate_pattern(pattern: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::invalid_config(
+            "core",
+            format!("invalid pattern `{pattern}`: {why}"),
+        ))
+    };
+    if pattern.is_empty() {
+        return bad("it is empty");
+    }
+    if pattern.len() > 200 {
+        return bad("it is longer than 200 bytes");
+    }
+    for seg in pattern.split('.') {
+        if seg.is_empty() {
+            return bad("it has an empty segment (leading, trailing or double dot)");
+        }
+        if let Some(c) = seg
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return bad(&format!(
+                "`{}` is not allowed (use letters, digits, `-`, `_`, and `.` between segments)",
+                c.escape_default()
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) struct Inner {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) config: ClientConfig,
+    pub(crate) id: String,
+    correlator: OnceCell<Arc<Correlator>>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) services: Mutex<Vec<ServiceControl>>,
+    max_payload: usize,
+}
+
+/// A connection to a transport, through which a service sends, emits, requests and serves.
+///
+/// Cheap to clone; clones share the connection. Build one with `switchboard::connect(url)` or
+/// [`Client::new`].
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.inner.id)
+            .field("transport", &self.inner.transport)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client over `transport`.
+    pub fn new(transport: impl Transport, config: ClientConfig) -> Self {
+        Client::from_arc(Arc::new(transport), config)
+    }
+
+    /// A client over a shared transport.
+    pub fn from_arc(transport: Arc<dyn Transport>, config: ClientConfig) -> Self {
+        let cap = transport.capabilities().max_payload;
+        let max_payload = config.max_payload.map_or(cap, |m| m.min(cap));
+        Client {
+            inner: Arc::new(Inner {
+                transport,
+                config,
+                id: uuid::Uuid::now_v7().simple().to_string(),
+                correlator: OnceCell::new(),
+                counters: Arc::new(Counters::default()),
+                services: Mutex::new(Vec::new()),
+                max_payload,
+            }),
+        }
+    }
+
+    /// The transport underneath (for its name and capabilities).
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// The client's settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// A snapshot of this client's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Requests of this client still waiting for a reply (via `request` or a correlated `send`).
+    pub fn requests_in_flight(&self) -> usize {
+        self.inner.correlator.get().map_or(0, |c| c.in_flight())
+    }
+
+    fn adapter(&self) -> &'static str {
+        self.inner.transport.name()
+    }
+
+    /// Builds the envelope for a call: validates the pattern, encodes the body, applies the
+    /// options, checks the size.
+    pub(crate) fn envelope<T: Body>(
+        &self,
+        pattern: &str,
+        body: &T,
+        opts: &CallOptions,
+    ) -> Result<Envelope> {
+        validate_pattern(pattern)?;
+        let (payload, ct) = body.encode()?;
+        if payload.len() > self.inner.max_payload {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                self.adapter(),
+                format!(
+                    "payload of {} bytes exceeds the limit of {} bytes",
+                    payload.len(),
+                    self.inner.max_payload
+                ),
+            ));
+        }
+        let mut env = Envelope::new(pattern, payload).with_content_type(ct);
+        env.key = opts.key.clone();
+        if let Some(p) = &opts.parent {
+            env.causation_id = Some(p.id);
+            for (k, v) in &p.trace {
+                env.headers.insert(k.clone(), v.clone());
+            }
+        }
+        for (k, v) in &opts.headers {
+            env.headers.insert(k.clone(), v.clone());
+        }
+        Ok(env)
+    }
+
+    /// The deadline of a call: now + timeout, bounded by the parent's deadline.
+    fn deadline(&self, opts: &CallOptions) -> (Instant, SystemTime, Duration) {
+        let mut timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
+        if let Some(parent_left) = opts
+            .parent
+            .as_ref()
+            .and_then(|p| p.deadline)
+            .map(|d| d.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+        {
+            timeout = timeout.min(parent_left);
+        }
+        (Instant::now() + timeout, SystemTime::now() + timeout, timeout)
+    }
+
+    async fn correlator(&self) -> Result<&Arc<Correlator>> {
+        self.inner
+            .correlator
+            .get_or_try_init(|| {
+                Correlator::start(
+                    &self.inner.transport,
+                    &self.inner.id,
+                    self.inner.counters.clone(),
+                )
+            })
+            .await
+    }
+
+    /// Sends a request to `pattern` and waits for the reply, bounded by the client's default
+    /// timeout (which travels with the request as its deadline).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: switchboard_core::Client) -> switchboard_core::Result<()> {
+    /// let user: serde_json::Value = client.send("users.get", &serde_json::json!({"id": 1})).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `Timeout` at the deadline; `NoResponder` if nobody serves the pattern (where the
+    /// transport can tell); `Handler` with the responder's code if its handler failed; `Codec`
+    /// if the request or reply does not encode or decode; `PayloadTooLarge`; `InvalidConfig`
+    /// for a malformed pattern; transport errors.
+    pub async fn send<Req: Body, Resp: Body>(&self, pattern: &str, req: &Req) -> Result<Resp> {
+        self.send_with(pattern, req, &CallOptions::default()).await
+    }
+
+    /// [`Client::send`] with per-call options (timeout, key, headers, parent).
+    ///
+    /// # Errors
+    /// As [`Client::send`].
+    pub async fn send_with<Req: Body, Resp: Body>(
+        &self,
+        pattern: &str,
+        req: &Req,
+        opts: &CallOptions,
+    ) -> Result<Resp> {
+        let mut env = self.envelope(pattern, req, opts)?;
+        let (deadline, wall, timeout) = self.deadline(opts);
+        env.deadline = Some(wall);
+        Counters::inc(&self.inner.counters.sent);
+        let timeout_ms = timeout.as_millis();
+        let reply = match self.inner.transport.requester() {
+            Some(r) => r.call(pattern, env, deadline).await?,
+            None => {
+                let c = self.correlator().await?;
+                c.call(self.inner.transport.as_ref(), pattern, env, deadline, timeout_ms)
+                    .await?
+            }
+        };
+        decode_reply(reply, self.adapter())
+    }
+
+    /// Emits an event to `pattern`: every consumer group subscribed gets it, one member per
+    /// group. Returns once the transport accepted it.
+    ///
+    /// # Errors
+    /// `Codec`, `PayloadTooLarge`, `InvalidConfig` for a malformed pattern, transport errors
+    /// (`Connection`, `Rejected`, `Closed`).
+    pub async fn emit<E: Body>(&self, pattern: &str, event: &E) -> Result<()> {
+        self.emit_with(pattern, event, &CallOptions::default()).await
+    }
+
+    /// [`Client::emit`] with per-call options (key, headers, parent). A timeout, if set,
+    /// becomes the event's deadline: handlers that get it later drop it unhandled.
+    ///
+    /// # Errors
+    /// As [`Client::emit`].
+    pub async fn emit_with<E: Body>(
+        &self,
+        pattern: &str,
+        event: &E,
+        opts: &CallOptions,
+    ) -> Result<()> {
+        let mut env = self.envelope(pattern, event, opts)?;
+        if opts.timeout.is_some() {
+            env.deadline = Some(self.deadline(opts).1);
+        }
+        self.inner
+            .transport
+            .publish(Route::Event(pattern), env)
+            .await?;
+        Counters::inc(&self.inner.counters.emitted);
+        Ok(())
+    }
+
+    /// Sends a request and returns at once (once the transport accepted it) with a handle that
+    /// carries the correlation id. Await the handle now or later; the reply is matched on this
+    /// client's one reply channel. A reply that arrives after the deadline is dropped and
+    /// counted in [`Stats::late_replies`]. Dropping the handle abandons the request.
+    ///
+    /// # Errors
+    /// Those of [`Client::send`] that happen before the reply: encoding, size, pattern,
+    /// `NoResponder` where detectable, transport errors.
+    pub async fn request<Req: Body, Resp: Body>(
+        &self,
+        pattern: &str,
+        req: &Req,
+    ) -> Result<PendingReply<Resp>> {
+        self.request_with(pattern, req, &CallOptions::default())
+            .await
+    }
+
+    /// [`Client::request`] with per-call options.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn request_with<Req: Body, Resp: Body>(
+        &self,
+        pattern: &str,
+        req: &Req,
+        opts: &CallOptions,
+    ) -> Result<PendingReply<Resp>> {
+        let mut env = self.envelope(pattern, req, opts)?;
+        let (deadline, wall, timeout) = self.deadline(opts);
+        env.deadline = Some(wall);
+        let c = self.correlator().await?;
+        let (tx, rx) = oneshot::channel();
+        let (id, guard) = c
+            .submit(
+                self.inner.transport.as_ref(),
+                pattern,
+                env,
+                deadline,
+                timeout.as_millis(),
+                Sink::Once(tx),
+            )
+            .await?;
+        Counters::inc(&self.inner.counters.requested);
+        Ok(PendingReply {
+            id,
+            rx,
+            deadline,
+            timeout_ms: timeout.as_millis(),
+            adapter: self.adapter(),
+            _guard: guard,
+            _resp: PhantomData,
+        })
+    }
+
+    /// A stream that yields the replies of the requests made through it, in the order they
+    /// arrive, each with its correlation id: for callers with thousands of requests in flight
+    /// who would rather not hold a handle per request.
+    ///
+    /// # Errors
+    /// Transport errors opening the client's reply channel.
+    pub async fn reply_stream<Resp: Body>(&self) -> Result<ReplyStream<Resp>> {
+        let correlator = self.correlator().await?.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        Ok(ReplyStream {
+            client: self.clone(),
+            correlator,
+            tx,
+            rx,
+            timers: DelayQueue::new(),
+            keys: HashMap::new(),
+            _resp: PhantomData,
+        })
+    }
+
+    /// Subscribes to the dead letters of `pattern`, as raw deliveries (acknowledge each one you
+    /// have dealt with). The headers say why each was dead-lettered (`docs/wire.md`).
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a malformed pattern; transport errors.
+    pub async fn dead_letters(&self, pattern: &str) -> Result<Subscription> {
+        validate_pattern(pattern)?;
+        self.inner
+            .transport
+            .subscribe(Route::DeadLetter(pattern), SubscribeOptions::default())
+            .await
+    }
+
+    /// Stops every handler started through this client (they finish what they hold and
+    /// acknowledge nothing unfinished), waits up to the drain timeout, then closes the
+    /// transport. Requests still waiting fail with `Closed`.
+    ///
+    /// # Errors
+    /// Transport errors while closing.
+    pub async fn shutdown(&self) -> Result<()> {
+        let services: Vec<ServiceControl> = std::mem::take(
+            &mut *self
+                .inner
+                .services
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for s in &services {
+            s.stop();
+        }
+        let drain = async {
+            for s in &services {
+                s.drained().await;
+            }
+        };
+        if tokio::time::timeout(self.inner.config.drain_timeout, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "shutdown: handlers still running after the drain timeout; their messages stay unacknowledged"
+            );
+        }
+        self.inner.transport.close().await
+    }
+}
+
+fn decode_reply<Resp: Body>(reply: Envelope, adapter: &'static str) -> Result<Resp> {
+    if let Some(e) = reply.error {
+        let kind = match e.code.as_str() {
+            "codec" => ErrorKind::Codec,
+            "payload_too_large" => ErrorKind::PayloadTooLarge,
+            _ => ErrorKind::Handler,
+        };
+        return Err(Error::new(kind, adapter, e.message).with_code(e.code));
+    }
+    Resp::decode(reply.content_type.as_deref(), reply.payload)
+}
+
+/// A request in flight: await it (now or later) for the reply.
+pub struct PendingReply<Resp> {
+    id: CorrelationId,
+    rx: oneshot::Receiver<Result<Envelope>>,
+    deadline: Instant,
+    timeout_ms: u128,
+    adapter: &'static str,
+    _guard: WaiterGuard,
+    _resp: PhantomData<fn() -> Resp>,
+}
+
+impl<Resp> fmt::Debug for PendingReply<Resp> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingReply")
+            .field("correlation_id", &self.id)
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Resp: Body> PendingReply<Resp> {
+    /// The correlation id the reply will carry.
+    pub fn correlation_id(&self) -> CorrelationId {
+        self.id
+    }
+
+    /// When the request stops waiting.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Waits for the reply. A reply that arrived in time is returned even when awaited after
+    /// the deadline.
+    ///
+    /// # Errors
+    /// As [`Client::send`].
+    pub async fn reply(self) -> Result<Resp> {
+        let PendingReply {
+            rx,
+            deadline,
+            timeout_ms,
+            adapter,
+            _guard,
+            ..
+        } = self;
+        let env = await_reply(rx, deadline, timeout_ms, adapter).await?;
+        decode_reply(env, adapter)
+    }
+}
+
+impl<Resp: Body> IntoFuture for PendingReply<Resp> {
+    type Output = Result<Resp>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<Resp>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.reply())
+    }
+}
+
+/// Replies of many requests as one stream: `(correlation id, reply or error)`, in arrival
+/// order, timeouts included. Yields `None` when no request made through it is outstanding.
+pub struct ReplyStream<Resp> {
+    client: Client,
+    correlator: Arc<Correlator>,
+    tx: mpsc::UnboundedSender<(CorrelationId, Result<Envelope>)>,
+    rx: mpsc::UnboundedReceiver<(CorrelationId, Result<Envelope>)>,
+    timers: DelayQueue<CorrelationId>,
+    /// Outstanding requests; `None` once the timer fired but the reply was already on its way.
+    keys: HashMap<CorrelationId, Option<delay_queue::Key>>,
+    _resp: PhantomData<fn() -> Resp>,
+}
+
+impl<Resp> fmt::Debug for ReplyStream<Resp> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyStream")
+            .field("outstanding", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Resp: Body> ReplyStream<Resp> {
+    /// Sends a request whose reply this stream will yield; returns its correlation id once the
+    /// transport accepted it.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn request<Req: Body>(&mut self, pattern: &str, req: &Req) -> Result<CorrelationId> {
+        self.request_with(pattern, req, &CallOptions::default())
+            .await
+    }
+
+    /// [`ReplyStream::request`] with per-call options.
+    ///
+    /// # Errors
+    /// As [`Client::request`].
+    pub async fn request_with<Req: Body>(
+        &mut self,
+        pattern: &str,
+        req: &Req,
+        opts: &CallOptions,
+    ) -> Result<CorrelationId> {
+        let client = &self.client;
+        let mut env = client.envelope(pattern, req, opts)?;
+        let (deadline, wall, timeout) = client.deadline(opts);
+        env.deadline = Some(wall);
+        let (id, guard) = self
+            .correlator
+            .submit(
+                client.inner.transport.as_ref(),
+                pattern,
+                env,
+                deadline,
+                timeout.as_millis(),
+                Sink::Stream(self.tx.clone()),
+            )
+            .await?;
+        // The stream, not the guard, owns the waiter from here: its timer removes it.
+        std::mem::forget(guard);
+        Counters::inc(&client.inner.counters.requested);
+        let key = self.timers.insert_at(id, deadline);
+        self.keys.insert(id, Some(key));
+        Ok(id)
+    }
+
+    /// Requests sent through this stream whose reply has not been yielded yet.
+    pub fn outstanding(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+impl<Resp: Body> Stream for ReplyStream<Resp> {
+    type Item = (CorrelationId, Result<Resp>);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(Some((id, r))) = this.rx.poll_recv(cx) {
+                let Some(key) = this.keys.remove(&id) else {
+                    continue;
+                };
+                if let Some(key) = key {
+                    this.timers.remove(&key);
+                }
+                let adapter = this.client.adapter();
+                return Poll::Ready(Some((id, r.and_then(|env| decode_reply(env, adapter)))));
+            }
+            if this.keys.is_empty() {
+                return Poll::Ready(None);
+            }
+            match this.timers.poll_expired(cx) {
+                Poll::Ready(Some(expired)) => {
+                    let id = expired.into_inner();
+                    // If the waiter is already gone, its reply (or late-reply error) is queued
+                    // on the channel and is yielded from there.
+                    if !this.correlator.cancel(&id) {
+                        this.keys.insert(id, None);
+                    } else {
+                        this.keys.remove(&id);
+                        let err = Error::new(
+                            ErrorKind::Timeout,
+                            this.correlator.adapter(),
+                            "request timed out".to_owned(),
+                        );
+                        return Poll::Ready(Some((id, Err(err))));
+                    }
+                }
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<Resp> Drop for ReplyStream<Resp> {
+    fn drop(&mut self) {
+        for id in self.keys.keys() {
+            self.correlator.cancel(id);
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Payload codecs, chosen by content type: JSON (serde, the default), protobuf (prost) and raw
+//! bytes.
+//!
+//! Any `serde` type is a [`Body`] encoded as JSON. Wrap a prost message in [`Proto`] to send it
+//! as protobuf, or bytes in [`Raw`] to pass them through untouched. On receipt, the envelope's
+//! content type picks the codec: a body whose codec does not match the content type is a
+//! [`crate::ErrorKind::Codec`] error naming both.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::envelope::content_type;
+use crate::error::{Error, Result};
+
+/// A value that can travel as a message payload.
+pub trait Body: Sized + Send + 'static {
+    /// Encodes the value; returns the payload and its content type.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Codec`] if the value cannot be encoded.
+    fn encode(&self) -> Result<(Bytes, &'static str)>;
+
+    /// Decodes a payload whose content type is `content_type` (`None`: unknown).
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Codec`] if the content type is not this codec's or the bytes do
+    /// not decode.
+    fn decode(content_type: Option<&str>, payload: Bytes) -> Result<Self>;
+}
+
+/// The media type without parameters, lower-cased (`Application/JSON; charset=utf-8` →
+/// `application/json`).
+fn essence(ct: &str) -> String {
+    ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+fn is_json(ct: Option<&str>) -> bool {
+    match ct {
+        None => true,
+        Some(ct) => {
+            let e = essence(ct);
+            e == content_type::JSON || e.ends_with("+json") || e == "text/json"
+        }
+    }
+}
+
+fn is_protobuf(ct: Option<&str>) -> bool {
+    match ct {
+        None => true,
+        Some(ct) => matches!(
+            essence(ct).as_str(),
+            content_type::PROTOBUF | "application/protobuf" | "application/vnd.google.protobuf"
+        ),
+    }
+}
+
+fn mismatch(expected: &str, got: Option<&str>) -> Error {
+    Error::codec(
+        "core",
+        format!(
+            "payload has content type `{}`, expected `{expected}`",
+            got.unwrap_or("")
+        ),
+    )
+}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Body for T {
+    fn encode(&self) -> Result<(Bytes, &'static str)> {
+        let v = serde_json::to_vec(self)
+            .map_err(|e| Error::codec("core", format!("cannot encode JSON: {e}")).with_source(e))?;
+        Ok((Bytes::from(v), content_type::JSON))
+    }
+
+    fn decode(ct: Option<&str>, payload: Bytes) -> Result<Self> {
+        if !is_json(ct) {
+            return Err(mismatch(content_type::JSON, ct));
+        }
+        serde_json::from_slice(&payload).map_err(|e| {
+            Error::codec(
+                "core",
+                format!(
+                    "payload is not a valid JSON {}: {e}",
+                    std::any::type_name::<T>()
+                ),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+/// A protobuf message (prost), sent with content type `application/x-protobuf`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Proto<M>(pub M);
+
+impl<M: prost::Message + Default + 'static> Body for Proto<M> {
+    fn encode(&self) -> Result<(Bytes, &'static str)> {
+        Ok((Bytes::from(self.0.encode_to_vec()), content_type::PROTOBUF))
+    }
+
+    fn decode(ct: Option<&str>, payload: Bytes) -> Result<Self> {
+        if !is_protobuf(ct) {
+            return Err(mismatch(content_type::PROTOBUF, ct));
+        }
+        M::decode(payload).map(Proto).map_err(|e| {
+            Error::codec(
+                "core",
+                format!(
+                    "payload is not a valid protobuf {}: {e}",
+                    std::any::type_name::<M>()
+                ),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+/// Raw bytes, passed through untouched whatever their content type
+/// (sent as `application/octet-stream`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Raw(pub Bytes);
+
+impl Body for Raw {
+    fn encode(&self) -> Result<(Bytes, &'static str)> {
+        Ok((self.0.clone(), content_type::BYTES))
+    }
+
+    fn decode(_ct: Option<&str>, payload: Bytes) -> Result<Self> {
+        Ok(Raw(payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct User {
+        id: u64,
+        name: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct ProtoUser {
+        #[prost(uint64, tag = "1")]
+        id: u64,
+        #[prost(string, tag = "2")]
+        name: String,
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let u = User {
+            id: 7,
+            name: "Ada".into(),
+        };
+        let (bytes, ct) = u.encode().expect("encodes");
+        assert_eq!(ct, "application/json");
+        let back = User::decode(Some("application/json; charset=utf-8"), bytes).expect("decodes");
+        assert_eq!(back, u);
+    }
+
+    #[test]
+    fn protobuf_round_trip() {
+        let u = Proto(ProtoUser {
+            id: 7,
+            name: "Ada".into(),
+        });
+        let (bytes, ct) = u.encode().expect("encodes");
+        assert_eq!(ct, content_type::PROTOBUF);
+        let back = Proto::<ProtoUser>::decode(Some(ct), bytes).expect("decodes");
+        assert_eq!(back, u);
+    }
+
+    #[test]
+    fn raw_round_trip() {
+        let r = Raw(Bytes::from_static(&[0, 159, 146, 150]));
+        let (bytes, ct) = r.encode().expect("encodes");
+        assert_eq!(ct, content_type::BYTES);
+        assert_eq!(Raw::decode(Some("image/png"), bytes).expect("decodes"), r);
+    }
+
+    #[test]
+    fn undecodable_payloads_are_codec_errors() {
+        let err = User::decode(None, Bytes::from_static(b"\xff not json")).expect_err("bad");
+        assert_eq!(err.kind(), ErrorKind::Codec);
+        assert!(err.to_string().contains("not a valid JSON"), "{err}");
+        let err = Proto::<ProtoUser>::decode(None, Bytes::from_static(b"\xff\xff\xff"))
+            .expect_err("bad");
+        assert_eq!(err.kind(), ErrorKind::Codec);
+    }
+
+    #[test]
+    fn content_type_mismatch_is_named() {
+        let (bytes, ct) = Proto(ProtoUser::default()).encode().expect("encodes");
+        let err = User::decode(Some(ct), bytes).expect_err("mismatch");
+        assert_eq!(err.kind(), ErrorKind::Codec);
+        assert!(err.to_string().contains("application/x-protobuf"), "{err}");
+    }
+}

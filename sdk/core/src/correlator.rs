@@ -1,0 +1,210 @@
+//! Request-reply over any publisher + subscriber, written once.
+//!
+//! One private inbox per client instance; a `CorrelationId → waiter` map whose entry goes on
+//! reply, on timeout, or when the waiter drops. The map is sharded (`DashMap`), never locked
+//! across an await, so tens of thousands of requests can be in flight without contention, and
+//! no request opens a subscription of its own.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dashmap::DashMap;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::envelope::{CorrelationId, Envelope};
+use crate::error::{Error, Result};
+use crate::stats::Counters;
+use crate::transport::{Route, Transport};
+
+/// Where a matched reply goes.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    Once(oneshot::Sender<Result<Envelope>>),
+    Stream(mpsc::UnboundedSender<(CorrelationId, Result<Envelope>)>),
+}
+
+impl Sink {
+    fn deliver(self, id: CorrelationId, r: Result<Envelope>) {
+        // A waiter that is gone no longer wants the reply; nothing to do.
+        match self {
+            Sink::Once(tx) => {
+                let _ = tx.send(r);
+            }
+            Sink::Stream(tx) => {
+                let _ = tx.send((id, r));
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Waiter {
+    deadline: Instant,
+    timeout_ms: u128,
+    sink: Sink,
+}
+
+#[derive(Debug)]
+pub(crate) struct Correlator {
+    address: String,
+    adapter: &'static str,
+    pending: Arc<DashMap<CorrelationId, Waiter>>,
+    pump: JoinHandle<()>,
+}
+
+impl Drop for Correlator {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+/// Removes a waiter's entry when the request is answered, times out or is abandoned.
+#[derive(Debug)]
+pub(crate) struct WaiterGuard {
+    correlator: Arc<Correlator>,
+    id: CorrelationId,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        self.correlator.pending.remove(&self.id);
+    }
+}
+
+impl Correlator {
+    /// Opens the client's inbox and starts matching replies.
+    pub(crate) async fn start(
+        transport: &Arc<dyn Transport>,
+        client_id: &str,
+        counters: Arc<Counters>,
+    ) -> Result<Arc<Self>> {
+        let inbox = transport.open_inbox(client_id).await?;
+        let pending: Arc<DashMap<CorrelationId, Waiter>> = Arc::new(DashMap::new());
+        let map = pending.clone();
+        let mut sub = inbox.subscription;
+        let pump = tokio::spawn(async move {
+            while let Some(delivery) = sub.next().await {
+                let (env, _, _, acker) = delivery.into_parts();
+                // Replies are settled as soon as they are read: a reply cannot be handled twice.
+                if let Err(e) = acker.ack().await {
+                    tracing::warn!(error = %e, "could not acknowledge a reply");
+                }
+                let Some(id) = env.correlation_id else {
+                    counters.late_replies.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(pattern = %env.pattern, "reply without correlation id dropped");
+                    continue;
+                };
+                match map.remove(&id) {
+                    Some((_, w)) if Instant::now() <= w.deadline => w.sink.deliver(id, Ok(env)),
+                    Some((_, w)) => {
+                        counters.late_replies.fetch_add(1, Ordering::Relaxed);
+                        let err = Error::new(
+                            crate::ErrorKind::Timeout,
+                            "core",
+                            format!(
+                                "request timed out after {}ms (the reply came too late)",
+                                w.timeout_ms
+                            ),
+                        );
+                        w.sink.deliver(id, Err(err));
+                    }
+                    None => {
+                        counters.late_replies.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%id, "late or unknown reply dropped");
+                    }
+                }
+            }
+        });
+        Ok(Arc::new(Correlator {
+            address: inbox.address,
+            adapter: transport.name(),
+            pending,
+            pump,
+        }))
+    }
+
+    /// Registers a waiter for `msg`, then publishes it as a request with this client's inbox
+    /// as `reply_to`. The returned guard removes the waiter when dropped.
+    pub(crate) async fn submit(
+        self: &Arc<Self>,
+        transport: &dyn Transport,
+        pattern: &str,
+        mut msg: Envelope,
+        deadline: Instant,
+        timeout_ms: u128,
+        sink: Sink,
+    ) -> Result<(CorrelationId, WaiterGuard)> {
+        let id = CorrelationId::new();
+        msg.correlation_id = Some(id);
+        msg.reply_to = Some(self.address.clone());
+        self.pending.insert(
+            id,
+            Waiter {
+                deadline,
+                timeout_ms,
+                sink,
+            },
+        );
+        let guard = WaiterGuard {
+            correlator: self.clone(),
+            id,
+        };
+        transport.publish(Route::Request(pattern), msg).await?;
+        Ok((id, guard))
+    }
+
+    /// Sends a request and waits for its reply until `deadline`.
+    pub(crate) async fn call(
+        self: &Arc<Self>,
+        transport: &dyn Transport,
+        pattern: &str,
+        msg: Envelope,
+        deadline: Instant,
+        timeout_ms: u128,
+    ) -> Result<Envelope> {
+        let (tx, rx) = oneshot::channel();
+        let (_id, _guard) = self
+            .submit(transport, pattern, msg, deadline, timeout_ms, Sink::Once(tx))
+            .await?;
+        await_reply(rx, deadline, timeout_ms, self.adapter).await
+    }
+
+    /// Removes the waiter for `id`, if it is still waiting; true if it was.
+    pub(crate) fn cancel(&self, id: &CorrelationId) -> bool {
+        self.pending.remove(id).is_some()
+    }
+
+    /// Requests still waiting for a reply.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn adapter(&self) -> &'static str {
+        self.adapter
+    }
+}
+
+/// Waits on a reply channel until `deadline`. A reply that already arrived is returned even if
+/// the deadline has passed since.
+pub(crate) async fn await_reply(
+    mut rx: oneshot::Receiver<Result<Envelope>>,
+    deadline: Instant,
+    timeout_ms: u128,
+    adapter: &'static str,
+) -> Result<Envelope> {
+    if let Ok(r) = rx.try_recv() {
+        return r;
+    }
+    match tokio::time::timeout_at(deadline, &mut rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(Error::closed(adapter)),
+        Err(_) => Err(Error::new(
+            crate::ErrorKind::Timeout,
+            adapter,
+            format!("request timed out after {timeout_ms}ms"),
+        )),
+    }
+}

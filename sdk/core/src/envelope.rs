@@ -1,0 +1,397 @@
+//! The envelope every message travels in, and its language-neutral header form.
+//!
+//! Transports with native fields (AMQP `correlation_id`, a NATS reply subject) use them; the
+//! rest carry [`Envelope::to_headers`] as string headers or message attributes. The names are
+//! documented in `docs/wire.md`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// Reserved header names (see `docs/wire.md`). CloudEvents names where one fits.
+pub mod header {
+    /// Message id, unique per message (UUIDv7 text). CloudEvents `id`.
+    pub const ID: &str = "ce-id";
+    /// The logical pattern (`users.get`). CloudEvents `type`.
+    pub const PATTERN: &str = "ce-type";
+    /// CloudEvents spec version, always `1.0`.
+    pub const SPEC_VERSION: &str = "ce-specversion";
+    /// Content type of the payload. CloudEvents `datacontenttype`.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// Ties a reply to its request; carried across hops.
+    pub const CORRELATION_ID: &str = "sb-correlation-id";
+    /// Id of the message that caused this one.
+    pub const CAUSATION_ID: &str = "sb-causation-id";
+    /// Where a reply goes (a transport-specific address).
+    pub const REPLY_TO: &str = "sb-reply-to";
+    /// Absolute deadline, milliseconds since the Unix epoch (UTC), decimal.
+    pub const DEADLINE: &str = "sb-deadline";
+    /// Ordering key: messages with the same key are handled in order where the transport can.
+    pub const KEY: &str = "sb-key";
+    /// On error replies: the machine-readable error code.
+    pub const ERROR_CODE: &str = "sb-error-code";
+    /// On error replies: the human-readable error message.
+    pub const ERROR_MESSAGE: &str = "sb-error-message";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state.
+    pub const TRACESTATE: &str = "tracestate";
+    /// On dead letters: why the message was dead-lettered.
+    pub const DEAD_LETTER_REASON: &str = "sb-dead-letter-reason";
+    /// On dead letters: how many times delivery was attempted.
+    pub const DEAD_LETTER_ATTEMPTS: &str = "sb-dead-letter-attempts";
+    /// On dead letters: the consumer group whose handler gave up.
+    pub const DEAD_LETTER_GROUP: &str = "sb-dead-letter-group";
+    /// On dead letters: the pattern the message was sent on.
+    pub const ORIGINAL_PATTERN: &str = "sb-original-pattern";
+}
+
+/// The content types the SDK's codecs speak.
+pub mod content_type {
+    /// JSON (serde), the default.
+    pub const JSON: &str = "application/json";
+    /// Protocol Buffers (prost).
+    pub const PROTOBUF: &str = "application/x-protobuf";
+    /// Raw bytes, passed through untouched.
+    pub const BYTES: &str = "application/octet-stream";
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A new, time-ordered (UUIDv7) id.
+            pub fn new() -> Self {
+                $name(Uuid::now_v7())
+            }
+
+            /// The id as a UUID.
+            pub fn as_uuid(&self) -> Uuid {
+                self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(u: Uuid) -> Self {
+                $name(u)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0.hyphenated(), f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0.hyphenated())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self> {
+                Uuid::parse_str(s).map($name).map_err(|e| {
+                    Error::codec("core", format!("invalid {} `{s}`: {e}", stringify!($name)))
+                })
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Unique id of one message (UUIDv7, so ids sort by creation time).
+    MessageId
+);
+id_type!(
+    /// Ties a reply to its request.
+    CorrelationId
+);
+
+/// An error carried by a reply: the responder's code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyError {
+    /// Machine-readable code.
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// A message: payload bytes plus the metadata every transport carries.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// Unique per message.
+    pub id: MessageId,
+    /// The logical name the message was sent on (`users.get`).
+    pub pattern: String,
+    /// Ties a reply to its request.
+    pub correlation_id: Option<CorrelationId>,
+    /// The message that caused this one.
+    pub causation_id: Option<MessageId>,
+    /// Where a reply goes (transport-specific address).
+    pub reply_to: Option<String>,
+    /// Absolute time after which the message is worthless.
+    pub deadline: Option<SystemTime>,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// On replies: the responder's error, if its handler failed.
+    pub error: Option<ReplyError>,
+    /// Content type of `payload`; `None` means unknown (treated as JSON by typed handlers).
+    pub content_type: Option<String>,
+    /// Other headers: `traceparent`, `tracestate` and user headers.
+    pub headers: BTreeMap<String, String>,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+impl Envelope {
+    /// A new envelope with a fresh id.
+    pub fn new(pattern: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Envelope {
+            id: MessageId::new(),
+            pattern: pattern.into(),
+            correlation_id: None,
+            causation_id: None,
+            reply_to: None,
+            deadline: None,
+            key: None,
+            error: None,
+            content_type: None,
+            headers: BTreeMap::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Sets the content type.
+    pub fn with_content_type(mut self, ct: impl Into<String>) -> Self {
+        self.content_type = Some(ct.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// A reply to `request`: same pattern and correlation id, caused by the request, carrying
+    /// its trace context, addressed to its `reply_to`.
+    pub fn reply_to(request: &Envelope, payload: impl Into<Bytes>) -> Self {
+        let mut reply = Envelope::new(request.pattern.clone(), payload);
+        reply.correlation_id = request.correlation_id;
+        reply.causation_id = Some(request.id);
+        reply.reply_to = request.reply_to.clone();
+        for name in [header::TRACEPARENT, header::TRACESTATE] {
+            if let Some(v) = request.headers.get(name) {
+                reply.headers.insert(name.to_owned(), v.clone());
+            }
+        }
+        reply
+    }
+
+    /// Whether the deadline, if any, has passed.
+    pub fn is_expired(&self) -> bool {
+        self.deadline.is_some_and(|d| d <= SystemTime::now())
+    }
+
+    /// Time left until the deadline (`None` without one; zero once passed).
+    pub fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    }
+
+    /// The envelope as string headers (everything but the payload: reserved headers, then
+    /// user headers), for transports whose metadata is a string map. Inverse of
+    /// [`Envelope::from_headers`].
+    pub fn to_headers(&self) -> Vec<(&str, String)> {
+        let mut h: Vec<(&str, String)> = Vec::with_capacity(8 + self.headers.len());
+        h.push((header::ID, self.id.to_string()));
+        h.push((header::PATTERN, self.pattern.clone()));
+        h.push((header::SPEC_VERSION, "1.0".to_owned()));
+        if let Some(ct) = &self.content_type {
+            h.push((header::CONTENT_TYPE, ct.clone()));
+        }
+        if let Some(c) = &self.correlation_id {
+            h.push((header::CORRELATION_ID, c.to_string()));
+        }
+        if let Some(c) = &self.causation_id {
+            h.push((header::CAUSATION_ID, c.to_string()));
+        }
+        if let Some(r) = &self.reply_to {
+            h.push((header::REPLY_TO, r.clone()));
+        }
+        if let Some(d) = self.deadline {
+            h.push((header::DEADLINE, system_time_to_millis(d).to_string()));
+        }
+        if let Some(k) = &self.key {
+            h.push((header::KEY, k.clone()));
+        }
+        if let Some(e) = &self.error {
+            h.push((header::ERROR_CODE, e.code.clone()));
+            h.push((header::ERROR_MESSAGE, e.message.clone()));
+        }
+        for (k, v) in &self.headers {
+            h.push((k.as_str(), v.clone()));
+        }
+        h
+    }
+
+    /// Builds an envelope from string headers and a payload, as a foreign producer (or a
+    /// broker CLI) would send it.
+    ///
+    /// Missing SDK headers are fine: a message with none still decodes (fresh id, the given
+    /// `fallback_pattern`, unknown content type). A present but malformed reserved header
+    /// (an id that is not a UUID, a deadline that is not a number) is a codec error, so the
+    /// consumer can dead-letter the message with the reason.
+    ///
+    /// # Errors
+    /// [`crate::ErrorKind::Codec`] naming the header that could not be parsed.
+    pub fn from_headers<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        payload: Bytes,
+        fallback_pattern: &str,
+    ) -> Result<Envelope> {
+        let mut env = Envelope::new(fallback_pattern, payload);
+        for (name, value) in headers {
+            match name {
+                header::ID => env.id = value.parse()?,
+                header::PATTERN => env.pattern = value.to_owned(),
+                header::SPEC_VERSION => {}
+                header::CONTENT_TYPE => env.content_type = Some(value.to_owned()),
+                header::CORRELATION_ID => env.correlation_id = Some(value.parse()?),
+                header::CAUSATION_ID => env.causation_id = Some(value.parse()?),
+                header::REPLY_TO => env.reply_to = Some(value.to_owned()),
+                header::DEADLINE => {
+                    let ms: u64 = value.parse().map_err(|_| {
+                        Error::codec(
+                            "core",
+                            format!("header `{}` is not a number of milliseconds: `{value}`", header::DEADLINE),
+                        )
+                    })?;
+                    env.deadline = Some(UNIX_EPOCH + Duration::from_millis(ms));
+                }
+                header::KEY => env.key = Some(value.to_owned()),
+                header::ERROR_CODE => {
+                    env.error.get_or_insert_with(empty_reply_error).code = value.to_owned()
+                }
+                header::ERROR_MESSAGE => {
+                    env.error.get_or_insert_with(empty_reply_error).message = value.to_owned()
+                }
+                other => {
+                    env.headers.insert(other.to_owned(), value.to_owned());
+                }
+            }
+        }
+        Ok(env)
+    }
+}
+
+fn empty_reply_error() -> ReplyError {
+    ReplyError {
+        code: String::new(),
+        message: String::new(),
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 for times before it).
+pub fn system_time_to_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full_envelope() -> Envelope {
+        let mut env = Envelope::new("users.get", &b"{\"id\":1}"[..]).with_content_type(content_type::JSON);
+        env.correlation_id = Some(CorrelationId::new());
+        env.causation_id = Some(MessageId::new());
+        env.reply_to = Some("_replies.abc".into());
+        env.deadline = Some(UNIX_EPOCH + Duration::from_millis(1_732_000_000_123));
+        env.key = Some("user-1".into());
+        env.error = Some(ReplyError {
+            code: "not_found".into(),
+            message: "no such user".into(),
+        });
+        env.headers.insert(
+            header::TRACEPARENT.into(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
+        env.headers.insert("x-tenant".into(), "acme".into());
+        env
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let env = full_envelope();
+        let pairs = env.to_headers();
+        let back = Envelope::from_headers(
+            pairs.iter().map(|(k, v)| (*k, v.as_str())),
+            env.payload.clone(),
+            "ignored",
+        )
+        .expect("decodes");
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn foreign_message_without_headers_decodes() {
+        let env = Envelope::from_headers([], Bytes::from_static(b"hello"), "orders.created")
+            .expect("decodes");
+        assert_eq!(env.pattern, "orders.created");
+        assert_eq!(env.content_type, None);
+        assert_eq!(&env.payload[..], b"hello");
+    }
+
+    #[test]
+    fn malformed_reserved_header_is_a_codec_error() {
+        let err = Envelope::from_headers([(header::DEADLINE, "soon")], Bytes::new(), "p")
+            .expect_err("bad deadline");
+        assert_eq!(err.kind(), crate::ErrorKind::Codec);
+        assert!(err.to_string().contains("sb-deadline"), "{err}");
+        let err = Envelope::from_headers([(header::ID, "42")], Bytes::new(), "p")
+            .expect_err("bad id");
+        assert_eq!(err.kind(), crate::ErrorKind::Codec);
+    }
+
+    #[test]
+    fn reply_copies_correlation_and_trace() {
+        let req = full_envelope();
+        let reply = Envelope::reply_to(&req, Bytes::new());
+        assert_eq!(reply.correlation_id, req.correlation_id);
+        assert_eq!(reply.causation_id, Some(req.id));
+        assert_eq!(reply.reply_to, req.reply_to);
+        assert_eq!(
+            reply.headers.get(header::TRACEPARENT),
+            req.headers.get(header::TRACEPARENT)
+        );
+        assert!(!reply.headers.contains_key("x-tenant"));
+    }
+
+    #[test]
+    fn message_ids_sort_by_creation() {
+        let a = MessageId::new();
+        let b = MessageId::new();
+        assert!(a < b);
+    }
+}

@@ -1,0 +1,601 @@
+//! The service side: handlers for request patterns and for event patterns, written once over
+//! the transport SPI.
+//!
+//! One consumer loop per handler takes a delivery only when it has a free slot (bounded
+//! concurrency), runs the handler in its own task with panics caught, and settles the delivery
+//! by the outcome: ack on success; for events, nack with backoff until the attempts run out,
+//! then the dead-letter destination with the reason. Requests whose deadline has passed are
+//! dropped before their handler runs. Shutdown stops taking deliveries and waits for those in
+//! hand; nothing unfinished is acknowledged.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{CallOptions, Client, validate_pattern};
+use crate::codec::Body;
+use crate::envelope::{Envelope, ReplyError, header};
+use crate::error::{Error, HandlerError, Result};
+use crate::stats::Counters;
+use crate::transport::{Acker, Delivery, Route, SubscribeOptions, Subscription};
+
+/// Backoff between attempts: exponential from `initial`, capped at `max`, with jitter (each
+/// delay drawn uniformly from its upper half, so retries of many messages spread out).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// Delay before the second attempt. Default 100 ms.
+    pub initial: Duration,
+    /// Largest delay. Default 10 s.
+    pub max: Duration,
+    /// Growth factor per attempt. Default 2.
+    pub multiplier: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl Backoff {
+    /// Exponential backoff from `initial`, capped at `max`.
+    pub fn exponential(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            ..Default::default()
+        }
+    }
+
+    /// The delay after failed attempt `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let full = self.initial.mul_f64(exp).min(self.max);
+        let jitter = (uuid::Uuid::new_v4().as_u128() as u64 % 1_000) as f64 / 1_000.0;
+        full.mul_f64(0.5 + 0.5 * jitter)
+    }
+}
+
+/// How a handler consumes.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct HandlerOptions {
+    /// Deliveries handled at once by this handler (also the transport prefetch). Default 32.
+    pub concurrency: usize,
+    /// Attempts per event before it is dead-lettered (first delivery included). Default 5.
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        HandlerOptions {
+            concurrency: 32,
+            max_attempts: 5,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+impl HandlerOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        HandlerOptions::default()
+    }
+
+    /// Sets the concurrency (at least 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Sets the attempts before dead-lettering (at least 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Sets the backoff.
+    pub fn backoff(mut self, b: Backoff) -> Self {
+        self.backoff = b;
+        self
+    }
+}
+
+/// What a handler sees besides the decoded message: its metadata, the attempt, and the client
+/// to make further calls with (use [`Context::options`] so causation, trace and deadline
+/// travel on).
+#[derive(Debug, Clone)]
+pub struct Context {
+    envelope: Envelope,
+    attempt: u32,
+    client: Client,
+}
+
+impl Context {
+    /// The message as received (payload included).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Which delivery this is (1 = first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The client the handler was registered on.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Call options for a call caused by this message: causation id, trace context and
+    /// deadline travel on.
+    pub fn options(&self) -> CallOptions {
+        CallOptions::new().caused_by(&self.envelope)
+    }
+
+    /// `send` on behalf of this message (see [`Context::options`]).
+    ///
+    /// # Errors
+    /// As [`Client::send`].
+    pub async fn send<Req: Body, Resp: Body>(&self, pattern: &str, req: &Req) -> Result<Resp> {
+        self.client.send_with(pattern, req, &self.options()).await
+    }
+
+    /// `emit` on behalf of this message (see [`Context::options`]).
+    ///
+    /// # Errors
+    /// As [`Client::emit`].
+    pub async fn emit<E: Body>(&self, pattern: &str, event: &E) -> Result<()> {
+        self.client.emit_with(pattern, event, &self.options()).await
+    }
+}
+
+enum Failure {
+    /// The payload did not decode: retrying cannot help.
+    Codec(String),
+    Handler(HandlerError),
+    Panic(String),
+}
+
+impl Failure {
+    fn reason(&self) -> String {
+        match self {
+            Failure::Codec(m) => format!("codec: {m}"),
+            Failure::Handler(e) => format!("handler error `{}`: {}", e.code, e.message),
+            Failure::Panic(m) => format!("handler panicked: {m}"),
+        }
+    }
+
+    fn reply_error(&self) -> ReplyError {
+        let (code, message) = match self {
+            Failure::Codec(m) => ("codec".to_owned(), m.clone()),
+            Failure::Handler(e) => (e.code.clone(), e.message.clone()),
+            Failure::Panic(m) => ("panic".to_owned(), format!("handler panicked: {m}")),
+        };
+        ReplyError { code, message }
+    }
+}
+
+type Outcome = std::result::Result<Option<(Bytes, &'static str)>, Failure>;
+type ErasedHandler = dyn Fn(Context) -> BoxFuture<'static, Outcome> + Send + Sync;
+
+fn panic_message(p: Box<dyn Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Request,
+    Event,
+}
+
+/// A registered handler; `shutdown` stops it gracefully. Dropping the handle leaves the handler
+/// running until [`Client::shutdown`].
+pub struct Service {
+    pattern: String,
+    control: ServiceControl,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service")
+            .field("pattern", &self.pattern)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// Stops and drains one consumer loop; kept by the client too, for `Client::shutdown`.
+#[derive(Clone)]
+pub(crate) struct ServiceControl {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl ServiceControl {
+    pub(crate) fn stop(&self) {
+        self.cancel.cancel();
+    }
+
+    pub(crate) async fn drained(&self) {
+        self.tracker.wait().await;
+    }
+}
+
+impl Service {
+    /// The pattern it serves.
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Deliveries being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.control.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Stops taking deliveries and waits for the handlers in progress to finish and settle
+    /// theirs. Deliveries not yet taken stay with the transport for other members (or the next
+    /// start).
+    pub async fn shutdown(self) {
+        self.control.stop();
+        self.control.drained().await;
+    }
+}
+
+impl Client {
+    /// Serves requests on `pattern`: the handler's return value is the reply; an `Err` reaches
+    /// the caller as a `Handler` error with its code. All handlers of a pattern compete for
+    /// its requests.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a malformed pattern; transport errors while subscribing.
+    pub async fn handle<Req, Resp, F, Fut>(&self, pattern: &str, handler: F) -> Result<Service>
+    where
+        Req: Body,
+        Resp: Body,
+        F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Resp, HandlerError>> + Send + 'static,
+    {
+        self.handle_with(pattern, HandlerOptions::default(), handler)
+            .await
+    }
+
+    /// [`Client::handle`] with options (concurrency).
+    ///
+    /// # Errors
+    /// As [`Client::handle`].
+    pub async fn handle_with<Req, Resp, F, Fut>(
+        &self,
+        pattern: &str,
+        opts: HandlerOptions,
+        handler: F,
+    ) -> Result<Service>
+    where
+        Req: Body,
+        Resp: Body,
+        F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Resp, HandlerError>> + Send + 'static,
+    {
+        validate_pattern(pattern)?;
+        let sub = self
+            .inner
+            .transport
+            .subscribe(
+                Route::Request(pattern),
+                SubscribeOptions::default().prefetch(opts.concurrency),
+            )
+            .await?;
+        let erased = erase::<Req, Resp, F, Fut>(handler);
+        Ok(self.start(pattern, Kind::Request, None, opts, sub, erased))
+    }
+
+    /// Handles events on `pattern` as a member of consumer `group`: every group gets each
+    /// event, one member per group handles it. An `Err` or a panic leads to redelivery with
+    /// backoff, then to the dead-letter destination after the attempts run out; an event whose
+    /// payload does not decode goes there at once.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a malformed pattern or group; transport errors while subscribing.
+    pub async fn on_event<E, F, Fut>(&self, pattern: &str, group: &str, handler: F) -> Result<Service>
+    where
+        E: Body,
+        F: Fn(E, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        self.on_event_with(pattern, group, HandlerOptions::default(), handler)
+            .await
+    }
+
+    /// [`Client::on_event`] with options (concurrency, attempts, backoff).
+    ///
+    /// # Errors
+    /// As [`Client::on_event`].
+    pub async fn on_event_with<E, F, Fut>(
+        &self,
+        pattern: &str,
+        group: &str,
+        opts: HandlerOptions,
+        handler: F,
+    ) -> Result<Service>
+    where
+        E: Body,
+        F: Fn(E, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        validate_pattern(pattern)?;
+        validate_pattern(group).map_err(|_| {
+            Error::invalid_config(
+                "core",
+                format!("invalid group `{group}`: use letters, digits, `-`, `_` and `.`"),
+            )
+        })?;
+        let sub = self
+            .inner
+            .transport
+            .subscribe(
+                Route::Event(pattern),
+                SubscribeOptions::group(group).prefetch(opts.concurrency),
+            )
+            .await?;
+        let erased = erase::<E, (), F, Fut>(handler);
+        Ok(self.start(pattern, Kind::Event, Some(group.to_owned()), opts, sub, erased))
+    }
+
+    fn start(
+        &self,
+        pattern: &str,
+        kind: Kind,
+        group: Option<String>,
+        opts: HandlerOptions,
+        sub: Subscription,
+        handler: Arc<ErasedHandler>,
+    ) -> Service {
+        let control = ServiceControl {
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        };
+        let worker = Arc::new(Worker {
+            client: self.clone(),
+            pattern: pattern.to_owned(),
+            kind,
+            group,
+            opts,
+            handler,
+        });
+        let c = control.clone();
+        control.tracker.spawn(consume(worker, sub, c));
+        control.tracker.close();
+        self.inner
+            .services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(control.clone());
+        Service {
+            pattern: pattern.to_owned(),
+            control,
+        }
+    }
+}
+
+fn erase<In, Out, F, Fut>(handler: F) -> Arc<ErasedHandler>
+where
+    In: Body,
+    Out: Body,
+    F: Fn(In, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<Out, HandlerError>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |ctx: Context| {
+        let handler = handler.clone();
+        async move {
+            let env = &ctx.envelope;
+            let input = In::decode(env.content_type.as_deref(), env.payload.clone())
+                .map_err(|e| Failure::Codec(e.message().to_owned()))?;
+            let out = AssertUnwindSafe(handler(input, ctx))
+                .catch_unwind()
+                .await
+                .map_err(|p| Failure::Panic(panic_message(p)))?
+                .map_err(Failure::Handler)?;
+            let encoded = out
+                .encode()
+                .map_err(|e| Failure::Handler(HandlerError::new("codec", e.message())))?;
+            Ok(Some(encoded))
+        }
+        .boxed()
+    })
+}
+
+struct Worker {
+    client: Client,
+    pattern: String,
+    kind: Kind,
+    group: Option<String>,
+    opts: HandlerOptions,
+    handler: Arc<ErasedHandler>,
+}
+
+async fn consume(worker: Arc<Worker>, mut sub: Subscription, control: ServiceControl) {
+    let slots = Arc::new(Semaphore::new(worker.opts.concurrency));
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = control.cancel.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        let delivery = tokio::select! {
+            biased;
+            _ = control.cancel.cancelled() => break,
+            d = sub.next() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let w = worker.clone();
+        let in_flight = control.in_flight.clone();
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        control.tracker.spawn(async move {
+            w.process(delivery).await;
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            drop(slot);
+        });
+    }
+}
+
+impl Worker {
+    fn counters(&self) -> &Counters {
+        &self.client.inner.counters
+    }
+
+    async fn process(&self, delivery: Delivery) {
+        let (env, attempt, malformed, acker) = delivery.into_parts();
+        if let Some(reason) = malformed {
+            tracing::warn!(pattern = %self.pattern, %reason, "malformed message");
+            match self.kind {
+                Kind::Request => {
+                    self.reply(&env, Err(Failure::Codec(reason))).await;
+                    settle(acker.ack().await);
+                }
+                Kind::Event => self.dead_letter(env, attempt, &format!("malformed: {reason}"), acker).await,
+            }
+            return;
+        }
+        if env.is_expired() {
+            Counters::inc(&self.counters().expired_dropped);
+            tracing::debug!(pattern = %self.pattern, id = %env.id, "deadline passed; dropped unhandled");
+            settle(acker.ack().await);
+            return;
+        }
+        let ctx = Context {
+            envelope: env.clone(),
+            attempt,
+            client: self.client.clone(),
+        };
+        // The handler runs in this task, its panics caught by `erase`.
+        let outcome = (self.handler)(ctx).await;
+        match (self.kind, outcome) {
+            (_, Ok(out)) => {
+                Counters::inc(&self.counters().handled);
+                if self.kind == Kind::Request {
+                    self.reply(&env, Ok(out)).await;
+                }
+                settle(acker.ack().await);
+            }
+            (Kind::Request, Err(f)) => {
+                Counters::inc(&self.counters().failed);
+                self.reply(&env, Err(f)).await;
+                settle(acker.ack().await);
+            }
+            (Kind::Event, Err(f @ Failure::Codec(_))) => {
+                Counters::inc(&self.counters().failed);
+                self.dead_letter(env, attempt, &f.reason(), acker).await;
+            }
+            (Kind::Event, Err(f)) => {
+                Counters::inc(&self.counters().failed);
+                let reason = f.reason();
+                let can_retry = self.client.transport().capabilities().redelivery_on_nack;
+                if attempt < self.opts.max_attempts && can_retry {
+                    tracing::debug!(pattern = %self.pattern, attempt, %reason, "handler failed; will retry");
+                    Counters::inc(&self.counters().retried);
+                    settle(acker.nack(self.opts.backoff.delay(attempt)).await);
+                } else {
+                    self.dead_letter(env, attempt, &reason, acker).await;
+                }
+            }
+        }
+    }
+
+    async fn reply(&self, req: &Envelope, out: std::result::Result<Option<(Bytes, &'static str)>, Failure>) {
+        let Some(to) = req.reply_to.as_deref() else {
+            return;
+        };
+        let reply = match out {
+            Ok(Some((payload, ct))) => Envelope::reply_to(req, payload).with_content_type(ct),
+            Ok(None) => Envelope::reply_to(req, Bytes::new()),
+            Err(f) => {
+                let mut r = Envelope::reply_to(req, Bytes::new());
+                r.error = Some(f.reply_error());
+                r
+            }
+        };
+        if let Err(e) = self.client.transport().publish(Route::Reply(to), reply).await {
+            tracing::warn!(pattern = %self.pattern, error = %e, "could not send a reply");
+        }
+    }
+
+    /// Sends the message to the pattern's dead-letter destination, then acknowledges it. If
+    /// the dead letter cannot be sent, the message is handed back instead: never lost.
+    async fn dead_letter(&self, mut env: Envelope, attempt: u32, reason: &str, acker: Box<dyn Acker>) {
+        tracing::warn!(pattern = %self.pattern, id = %env.id, attempt, %reason, "dead-lettering");
+        env.headers.insert(header::DEAD_LETTER_REASON.to_owned(), reason.to_owned());
+        env.headers.insert(header::DEAD_LETTER_ATTEMPTS.to_owned(), attempt.to_string());
+        env.headers.insert(header::ORIGINAL_PATTERN.to_owned(), self.pattern.clone());
+        if let Some(g) = &self.group {
+            env.headers.insert(header::DEAD_LETTER_GROUP.to_owned(), g.clone());
+        }
+        match self.client.transport().publish(Route::DeadLetter(&self.pattern), env).await {
+            Ok(()) => {
+                Counters::inc(&self.counters().dead_lettered);
+                settle(acker.ack().await);
+            }
+            Err(e) => {
+                tracing::error!(pattern = %self.pattern, error = %e, "dead letter not accepted; handing the message back");
+                settle(acker.nack(self.opts.backoff.delay(attempt)).await);
+            }
+        }
+    }
+}
+
+fn settle(r: Result<()>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not settle a delivery; the transport will deliver it again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b = Backoff::exponential(Duration::from_millis(100), Duration::from_millis(350));
+        for _ in 0..50 {
+            let d1 = b.delay(1);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            let d3 = b.delay(3);
+            assert!(d3 >= Duration::from_millis(175) && d3 <= Duration::from_millis(350), "{d3:?}");
+            assert!(b.delay(40) <= Duration::from_millis(350));
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The adapter SPI: what a transport implements. Services never call this directly; they use
+//! [`crate::Client`], which writes `send`, `emit` and `request` once over these primitives.
+//!
+//! An adapter implements [`Transport`] (publish, subscribe, capabilities) and, where the broker
+//! has native request-reply, [`Requester`]. Everything else (typed API, retries, dead letters,
+//! deadline checks, the reply correlator) lives in core so every transport behaves alike.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+use tokio::time::Instant;
+
+use crate::envelope::Envelope;
+use crate::error::Result;
+
+/// Where a message goes, or where a subscription reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// An event pattern: every consumer group gets the message, one member per group.
+    Event(&'a str),
+    /// A request pattern: one request handler gets the message.
+    Request(&'a str),
+    /// A reply address (a request's `reply_to`), owned by one client instance.
+    Reply(&'a str),
+    /// The dead-letter destination of a pattern. It keeps what it receives until read.
+    DeadLetter(&'a str),
+}
+
+impl Route<'_> {
+    /// The pattern or address.
+    pub fn name(&self) -> &str {
+        match self {
+            Route::Event(s) | Route::Request(s) | Route::Reply(s) | Route::DeadLetter(s) => s,
+        }
+    }
+}
+
+/// How to subscribe.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// The consumer group (events): each group gets every event once, shared among its
+    /// members. Ignored for requests (all handlers of a pattern compete) and replies.
+    pub group: Option<String>,
+    /// How many deliveries the subscriber may hold unacknowledged at once (prefetch).
+    pub prefetch: usize,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            group: None,
+            prefetch: 64,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Options for consumer group `group`.
+    pub fn group(group: impl Into<String>) -> Self {
+        SubscribeOptions {
+            group: Some(group.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Sets the prefetch.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+}
+
+/// What a transport can do; the conformance suite checks what is declared and skips, visibly,
+/// what is not.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The transport implements [`Requester`] natively (otherwise core's correlator does).
+    pub native_request: bool,
+    /// A request to a pattern nobody handles fails at once with `NoResponder`.
+    pub detects_no_responder: bool,
+    /// A nacked delivery comes back after the requested delay.
+    pub redelivery_on_nack: bool,
+    /// Messages with the same key are delivered in order within a group.
+    pub ordered: bool,
+    /// Events survive a restart of the broker.
+    pub durable: bool,
+    /// Largest encoded payload accepted, in bytes.
+    pub max_payload: usize,
+}
+
+/// Acknowledges or rejects one delivery. Implemented by adapters.
+#[async_trait]
+pub trait Acker: Send + 'static {
+    /// The message was handled: do not deliver it again.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// The message was not handled: deliver it again after `delay`.
+    async fn nack(self: Box<Self>, delay: Duration) -> Result<()>;
+}
+
+/// One message handed to a subscriber, to be acknowledged or rejected.
+///
+/// Dropping a delivery without calling [`Delivery::ack`] or [`Delivery::nack`] must never
+/// lose it: the transport delivers it again (at once, or after its visibility timeout).
+pub struct Delivery {
+    /// The message. For a malformed message, the payload as received and whatever metadata
+    /// could be read.
+    pub envelope: Envelope,
+    /// How many times this message has been delivered, this time included (1 = first).
+    pub attempt: u32,
+    /// Why the message could not be read as an envelope, if it could not (a poison message).
+    pub malformed: Option<String>,
+    acker: Box<dyn Acker>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("envelope", &self.envelope)
+            .field("attempt", &self.attempt)
+            .field("malformed", &self.malformed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// A delivery of `envelope`, acknowledged through `acker`.
+    pub fn new(envelope: Envelope, attempt: u32, acker: Box<dyn Acker>) -> Self {
+        Delivery {
+            envelope,
+            attempt,
+            malformed: None,
+            acker,
+        }
+    }
+
+    /// A delivery of bytes that are not a valid envelope; `reason` says why.
+    pub fn malformed(
+        envelope: Envelope,
+        attempt: u32,
+        reason: impl Into<String>,
+        acker: Box<dyn Acker>,
+    ) -> Self {
+        Delivery {
+            envelope,
+            attempt,
+            malformed: Some(reason.into()),
+            acker,
+        }
+    }
+
+    /// Acknowledges the delivery.
+    ///
+    /// # Errors
+    /// A transport error if the broker could not be told.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Rejects the delivery; it comes back after `delay`.
+    ///
+    /// # Errors
+    /// A transport error if the broker could not be told.
+    pub async fn nack(self, delay: Duration) -> Result<()> {
+        self.acker.nack(delay).await
+    }
+
+    /// Splits the delivery into its message and its acknowledger.
+    pub fn into_parts(self) -> (Envelope, u32, Option<String>, Box<dyn Acker>) {
+        (self.envelope, self.attempt, self.malformed, self.acker)
+    }
+}
+
+/// An acker for transports with nothing to acknowledge (replies, at-most-once paths).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoAck;
+
+#[async_trait]
+impl Acker for NoAck {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+    async fn nack(self: Box<Self>, _delay: Duration) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A stream of deliveries. Ends when the subscription is closed by the transport; dropping it
+/// unsubscribes.
+pub struct Subscription {
+    inner: Pin<Box<dyn Stream<Item = Delivery> + Send>>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// Wraps a stream of deliveries.
+    pub fn new(stream: impl Stream<Item = Delivery> + Send + 'static) -> Self {
+        Subscription {
+            inner: Box::pin(stream),
+        }
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+/// A client's private reply channel: the address requests carry in `reply_to`, and the
+/// subscription replies arrive on.
+#[derive(Debug)]
+pub struct Inbox {
+    /// The address to put in `reply_to`.
+    pub address: String,
+    /// Replies sent to `address`.
+    pub subscription: Subscription,
+}
+
+/// Sends messages.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Sends `msg` to `route`, returning once the transport accepted it (publisher confirm,
+    /// broker ack, or peer ack).
+    ///
+    /// # Errors
+    /// `NoResponder` for a request nobody handles (where detectable), `PayloadTooLarge`,
+    /// `Connection`, `Rejected`, `Closed`.
+    async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()>;
+}
+
+/// Receives messages.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Subscribes to an event pattern (with `opts.group`), a request pattern, or a pattern's
+    /// dead letters.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for an event subscription without a group; transport errors.
+    async fn subscribe(&self, route: Route<'_>, opts: SubscribeOptions) -> Result<Subscription>;
+
+    /// Opens a private reply channel for one client instance (`name` is unique per client).
+    ///
+    /// # Errors
+    /// Transport errors.
+    async fn open_inbox(&self, name: &str) -> Result<Inbox>;
+}
+
+/// Native request-reply, for transports that have it.
+#[async_trait]
+pub trait Requester: Send + Sync {
+    /// Sends a request and waits for its reply until `deadline`.
+    ///
+    /// # Errors
+    /// `Timeout` at the deadline, `NoResponder`, transport errors. A reply carrying an error
+    /// is returned as `Ok`: core turns it into a `Handler` error.
+    async fn call(&self, pattern: &str, msg: Envelope, deadline: Instant) -> Result<Envelope>;
+}
+
+/// A transport: the adapter's one entry point.
+#[async_trait]
+pub trait Transport: Publisher + Subscriber + fmt::Debug + 'static {
+    /// Short name used in errors and logs (`memory`, `nats`, ...).
+    fn name(&self) -> &'static str;
+
+    /// What this transport can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The native requester, if the transport has one (see [`Capabilities::native_request`]).
+    fn requester(&self) -> Option<&dyn Requester> {
+        None
+    }
+
+    /// Closes connections. Subscriptions end.
+    ///
+    /// # Errors
+    /// Transport errors while closing.
+    async fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,151 @@
+//! # switchboard
+//!
+//! Services talk to each other the same way whatever carries the message. Three calls:
+//!
+//! - [`Client::send`]: request-response; waits for the reply, always bounded by a deadline
+//!   (default 5 s) that travels with the request.
+//! - [`Client::emit`]: a fire-and-forget event; every consumer group gets it, one member per
+//!   group handles it.
+//! - [`Client::request`]: async request-reply; returns at once with a handle carrying the
+//!   correlation id, awaited now or later (or replies taken as a [`ReplyStream`]).
+//!
+//! and two ways to serve: [`Client::handle`] for requests, [`Client::on_event`] for events.
+//!
+//! The transport is picked at run time by the URL given to [`connect`]. Service code does not
+//! change when the broker does.
+//!
+//! | scheme | transport | cargo feature | status |
+//! | --- | --- | --- | --- |
+//! | `memory://[bus]` | in-process, broker semantics | always on | available |
+//! | `grpc://host:port` | direct gRPC | `grpc` | planned |
+//! | `nats://host:port` | NATS + JetStream | `nats` | planned |
+//! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` | planned |
+//! | `kafka://host:port` | Kafka API | `kafka` | planned |
+//! | `sqs://`, `sns+sqs://` | SNS/SQS | `sns-sqs` | planned |
+//!
+//! ## Quick start
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use switchboard::HandlerError;
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct GetUser { id: u64 }
+//! #[derive(Serialize, Deserialize)]
+//! struct User { id: u64, name: String }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> switchboard::Result<()> {
+//! let users = switchboard::connect("memory://facade-doc").await?;
+//! users
+//!     .handle("users.get", |req: GetUser, _ctx| async move {
+//!         Ok::<_, HandlerError>(User { id: req.id, name: "Ada".into() })
+//!     })
+//!     .await?;
+//!
+//! let web = switchboard::connect("memory://facade-doc?timeout_ms=500").await?;
+//! let user: User = web.send("users.get", &GetUser { id: 1 }).await?;
+//! assert_eq!(user.name, "Ada");
+//! # users.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+pub use switchboard_core::*;
+
+use url::Url;
+
+/// URL schemes this crate knows, with the cargo feature (and adapter crate) each needs.
+const SCHEMES: &[(&str, &str)] = &[
+    ("grpc", "grpc"),
+    ("nats", "nats"),
+    ("tls", "nats"),
+    ("amqp", "rabbitmq"),
+    ("amqps", "rabbitmq"),
+    ("kafka", "kafka"),
+    ("sqs", "sns-sqs"),
+    ("sns+sqs", "sns-sqs"),
+];
+
+/// Connects to the transport named by `url`'s scheme, with client settings from its query
+/// (`timeout_ms`).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let client = switchboard::connect("memory://").await.expect("memory is always there");
+/// let err = switchboard::connect("kafka://127.0.0.1:9092").await.expect_err("not compiled in");
+/// assert_eq!(err.kind(), switchboard::ErrorKind::InvalidConfig);
+/// # client.shutdown().await.unwrap();
+/// # }
+/// ```
+///
+/// # Errors
+/// `InvalidConfig` for a malformed URL, an unknown scheme, a scheme whose cargo feature is not
+/// compiled in (the message names the feature), or a bad option; transport errors while
+/// connecting.
+pub async fn connect(url: &str) -> Result<Client> {
+    let parsed = Url::parse(url).map_err(|e| {
+        Error::invalid_config("core", format!("malformed transport URL `{url}`: {e}"))
+            .with_source(e)
+    })?;
+    let config = ClientConfig::from_url(&parsed)?;
+    connect_with(&parsed, config).await
+}
+
+/// [`connect`] with client settings given in code (the URL's query is still read by the
+/// transport).
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_with(url: &Url, config: ClientConfig) -> Result<Client> {
+    match url.scheme() {
+        memory::SCHEME => {
+            let transport = memory::MemoryTransport::connect(memory::MemoryConfig::from_url(url)?);
+            Ok(Client::new(transport, config))
+        }
+        scheme => match SCHEMES.iter().find(|(s, _)| *s == scheme) {
+            Some((_, feature)) => Err(Error::invalid_config(
+                "core",
+                format!(
+                    "scheme `{scheme}` needs cargo feature `{feature}` of crate `switchboard`, \
+                     which is not compiled into this build"
+                ),
+            )),
+            None => Err(Error::invalid_config(
+                "core",
+                format!(
+                    "unknown transport scheme `{scheme}` (known: memory, {})",
+                    SCHEMES.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_urls_are_typed_errors() {
+        for (url, needle) in [
+            ("not a url", "malformed transport URL"),
+            ("", "malformed transport URL"),
+            ("carrier-pigeon://coop", "unknown transport scheme `carrier-pigeon`"),
+            ("kafka://127.0.0.1:9092", "needs cargo feature `kafka`"),
+            ("amqp://guest:guest@127.0.0.1", "needs cargo feature `rabbitmq`"),
+            ("memory://?timeout_ms=soon", "timeout_ms"),
+            ("memory://?timeout_ms=0", "timeout_ms"),
+            ("memory://?bogus=1", "unknown option `bogus`"),
+        ] {
+            let err = connect(url).await.expect_err(url);
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
+            assert!(err.to_string().contains(needle), "{url}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn timeout_comes_from_the_url() {
+        let c = connect("memory://?timeout_ms=250").await.expect("connects");
+        assert_eq!(c.config().timeout, std::time::Duration::from_millis(250));
+    }
+}
