@@ -21,7 +21,10 @@ pub fn to_proto(env: &Envelope) -> pb::Envelope {
     pb::Envelope {
         id: env.id.to_string(),
         pattern: env.pattern.clone(),
-        correlation_id: env.correlation_id.map(|c| c.to_string()).unwrap_or_default(),
+        correlation_id: env
+            .correlation_id
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
         causation_id: env.causation_id.map(|c| c.to_string()).unwrap_or_default(),
         reply_to: env.reply_to.clone().unwrap_or_default(),
         deadline_unix_ms: env.deadline.map(system_time_to_millis).unwrap_or(0),
@@ -55,8 +58,8 @@ pub fn from_proto(m: pb::Envelope) -> Result<Envelope> {
     env.correlation_id = non_empty(m.correlation_id).map(|s| s.parse()).transpose()?;
     env.causation_id = non_empty(m.causation_id).map(|s| s.parse()).transpose()?;
     env.reply_to = non_empty(m.reply_to);
-    env.deadline = (m.deadline_unix_ms > 0)
-        .then(|| UNIX_EPOCH + Duration::from_millis(m.deadline_unix_ms));
+    env.deadline =
+        (m.deadline_unix_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(m.deadline_unix_ms));
     env.key = non_empty(m.key);
     env.error = m.error.map(|e| ReplyError {
         code: e.code,
@@ -75,7 +78,8 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_through_protobuf_bytes() {
-        let mut env = Envelope::new("users.get", &b"{\"id\":1}"[..]).with_content_type("application/json");
+        let mut env =
+            Envelope::new("users.get", &b"{\"id\":1}"[..]).with_content_type("application/json");
         env.correlation_id = Some(CorrelationId::new());
         env.causation_id = Some(MessageId::new());
         env.reply_to = Some("_inbox.x".into());
@@ -85,7 +89,8 @@ mod tests {
             code: "not_found".into(),
             message: "gone".into(),
         });
-        env.headers.insert("traceparent".into(), "00-abc-def-01".into());
+        env.headers
+            .insert("traceparent".into(), "00-abc-def-01".into());
         let bytes = to_proto(&env).encode_to_vec();
         let back = from_proto(pb::Envelope::decode(&bytes[..]).expect("decodes")).expect("valid");
         assert_eq!(back, env);

@@ -114,7 +114,11 @@ pub async fn connect_with(url: &Url, config: ClientConfig) -> Result<Client> {
                 "core",
                 format!(
                     "unknown transport scheme `{scheme}` (known: memory, {})",
-                    SCHEMES.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(", ")
+                    SCHEMES
+                        .iter()
+                        .map(|(s, _)| *s)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )),
         },
@@ -130,9 +134,15 @@ mod tests {
         for (url, needle) in [
             ("not a url", "malformed transport URL"),
             ("", "malformed transport URL"),
-            ("carrier-pigeon://coop", "unknown transport scheme `carrier-pigeon`"),
+            (
+                "carrier-pigeon://coop",
+                "unknown transport scheme `carrier-pigeon`",
+            ),
             ("kafka://127.0.0.1:9092", "needs cargo feature `kafka`"),
-            ("amqp://guest:guest@127.0.0.1", "needs cargo feature `rabbitmq`"),
+            (
+                "amqp://guest:guest@127.0.0.1",
+                "needs cargo feature `rabbitmq`",
+            ),
             ("memory://?timeout_ms=soon", "timeout_ms"),
             ("memory://?timeout_ms=0", "timeout_ms"),
             ("memory://?bogus=1", "unknown option `bogus`"),

@@ -1,1 +1,203 @@
-//! placeholder
+//! # switchboard-conformance
+//!
+//! SPEC.md made executable: one suite of cases, written once over a [`Harness`], that every
+//! transport runs. A transport is done when the whole suite passes on it, or each skip is
+//! explained by a capability it declares.
+//!
+//! Each transport wires itself in with one small file in `tests/tests/` that calls
+//! [`conformance_suite!`], which expands to one `#[tokio::test]` per case so every case shows by
+//! name in the test output. A case that a transport's capabilities exclude prints a loud
+//! `SKIPPED` line with the reason and passes.
+//!
+//! Every await in a case is bounded ([`within`], [`eventually`]); every case owns its
+//! patterns ([`Harness::pattern`]).
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use switchboard::{Capabilities, Client, Result};
+
+pub mod cases;
+
+/// The default bound on one await in a case.
+pub const STEP: Duration = Duration::from_secs(5);
+
+/// How a case ended when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every assertion held.
+    Passed,
+    /// The transport's declared capabilities exclude the case; the reason is printed.
+    Skipped(String),
+}
+
+type Connect = dyn Fn() -> BoxFuture<'static, Result<Client>> + Send + Sync;
+
+/// What a case needs from a transport: fresh clients on the same transport, unique names, the
+/// declared capabilities, and how much load the transport can take.
+#[derive(Clone)]
+pub struct Harness {
+    name: &'static str,
+    connect: Arc<Connect>,
+    caps: Capabilities,
+    load_scale: f64,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness")
+            .field("name", &self.name)
+            .field("caps", &self.caps)
+            .field("load_scale", &self.load_scale)
+            .finish()
+    }
+}
+
+impl Harness {
+    /// A harness for transport `name`; `connect` makes a new client (a new "service
+    /// instance") on the same transport each time it is called.
+    pub async fn new<F, Fut>(name: &'static str, connect: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Client>> + Send + 'static,
+    {
+        let connect: Arc<Connect> = Arc::new(move || Box::pin(connect()));
+        let probe = within("connect a probe client", connect())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {name}: {e}"));
+        let caps = probe.transport().capabilities();
+        let _ = probe.shutdown().await;
+        Harness {
+            name,
+            connect,
+            caps,
+            load_scale: 1.0,
+        }
+    }
+
+    /// Scales the load cases (10,000 concurrent requests, ...) by `factor`, for emulators that
+    /// cannot take full load. The cases say so in their output.
+    pub fn scale_load(mut self, factor: f64) -> Self {
+        self.load_scale = factor;
+        self
+    }
+
+    /// The transport's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The transport's declared capabilities.
+    pub fn caps(&self) -> Capabilities {
+        self.caps
+    }
+
+    /// A new client on the transport.
+    pub async fn client(&self) -> Client {
+        within("connect a client", (self.connect)())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.name))
+    }
+
+    /// A pattern no other case uses: `conformance.<base>.<random>`.
+    pub fn pattern(&self, base: &str) -> String {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        format!("conformance.{base}.{}", &tag[..12])
+    }
+
+    /// `n` scaled by the harness's load factor (at least 1); prints when scaled.
+    pub fn load(&self, case: &str, n: usize) -> usize {
+        let scaled = ((n as f64) * self.load_scale).round().max(1.0) as usize;
+        if scaled != n {
+            eprintln!(
+                "NOTE conformance `{case}` on `{}`: load scaled from {n} to {scaled} for this transport",
+                self.name
+            );
+        }
+        scaled
+    }
+}
+
+/// Awaits `fut` for at most [`STEP`]; panics naming `what` if it takes longer.
+pub async fn within<T>(what: &str, fut: impl IntoFuture<Output = T>) -> T {
+    within_for(STEP, what, fut).await
+}
+
+/// Awaits `fut` for at most `limit`; panics naming `what` if it takes longer.
+pub async fn within_for<T>(limit: Duration, what: &str, fut: impl IntoFuture<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?} waiting for: {what}"),
+    }
+}
+
+/// Waits until `cond` holds, checking every 5 ms, for at most `limit`; panics naming `what`
+/// otherwise.
+pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting until: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Runs one case on a harness, bounded to two minutes, and reports a skip loudly.
+pub async fn run_case<F, Fut>(harness: Harness, case: &str, f: F)
+where
+    F: FnOnce(Harness) -> Fut,
+    Fut: Future<Output = Outcome>,
+{
+    let name = harness.name;
+    match within_for(Duration::from_secs(120), case, f(harness)).await {
+        Outcome::Passed => {}
+        Outcome::Skipped(why) => {
+            eprintln!("SKIPPED conformance case `{case}` on `{name}`: {why}");
+        }
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case, each built on the harness that
+/// `$make` (an async expression, evaluated per test) produces.
+///
+/// ```ignore
+/// switchboard_conformance::conformance_suite!(memory_harness().await);
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!(@cases $make;
+            send_gets_its_reply,
+            handler_error_reaches_the_caller_as_a_typed_error,
+            send_without_handler_fails_within_the_deadline,
+            send_times_out_at_its_deadline,
+            expired_request_never_reaches_its_handler,
+            emit_reaches_every_group_once_and_one_member_per_group,
+            ten_thousand_concurrent_requests_are_all_matched,
+            reply_stream_yields_every_reply_and_timeout,
+            reply_awaited_long_after_it_arrived_is_returned,
+            late_reply_is_dropped_and_counted,
+            nacked_event_is_redelivered,
+            panicking_handler_is_retried_then_dead_lettered_with_reason,
+            poison_message_is_dead_lettered_and_consumer_continues,
+            order_per_key_is_kept,
+            correlation_causation_and_trace_headers_round_trip,
+            graceful_shutdown_loses_nothing,
+            handler_concurrency_is_bounded,
+            event_without_sdk_metadata_is_delivered_as_is,
+            bad_input_is_a_typed_error,
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $make;
+                $crate::run_case(harness, stringify!($case), $crate::cases::$case).await;
+            }
+        )*
+    };
+}

@@ -60,7 +60,9 @@ impl ClientConfig {
                 let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
                     Error::invalid_config(
                         "core",
-                        format!("`timeout_ms` must be a positive number of milliseconds, got `{v}`"),
+                        format!(
+                            "`timeout_ms` must be a positive number of milliseconds, got `{v}`"
+                        ),
                     )
                 })?;
                 cfg.timeout = Duration::from_millis(ms);
@@ -298,15 +300,17 @@ impl Client {
     /// The deadline of a call: now + timeout, bounded by the parent's deadline.
     fn deadline(&self, opts: &CallOptions) -> (Instant, SystemTime, Duration) {
         let mut timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
-        if let Some(parent_left) = opts
-            .parent
-            .as_ref()
-            .and_then(|p| p.deadline)
-            .map(|d| d.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
-        {
+        if let Some(parent_left) = opts.parent.as_ref().and_then(|p| p.deadline).map(|d| {
+            d.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        }) {
             timeout = timeout.min(parent_left);
         }
-        (Instant::now() + timeout, SystemTime::now() + timeout, timeout)
+        (
+            Instant::now() + timeout,
+            SystemTime::now() + timeout,
+            timeout,
+        )
     }
 
     async fn correlator(&self) -> Result<&Arc<Correlator>> {
@@ -359,8 +363,14 @@ impl Client {
             Some(r) => r.call(pattern, env, deadline).await?,
             None => {
                 let c = self.correlator().await?;
-                c.call(self.inner.transport.as_ref(), pattern, env, deadline, timeout_ms)
-                    .await?
+                c.call(
+                    self.inner.transport.as_ref(),
+                    pattern,
+                    env,
+                    deadline,
+                    timeout_ms,
+                )
+                .await?
             }
         };
         decode_reply(reply, self.adapter())
@@ -373,7 +383,8 @@ impl Client {
     /// `Codec`, `PayloadTooLarge`, `InvalidConfig` for a malformed pattern, transport errors
     /// (`Connection`, `Rejected`, `Closed`).
     pub async fn emit<E: Body>(&self, pattern: &str, event: &E) -> Result<()> {
-        self.emit_with(pattern, event, &CallOptions::default()).await
+        self.emit_with(pattern, event, &CallOptions::default())
+            .await
     }
 
     /// [`Client::emit`] with per-call options (key, headers, parent). A timeout, if set,

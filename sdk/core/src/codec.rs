@@ -32,7 +32,11 @@ pub trait Body: Sized + Send + 'static {
 /// The media type without parameters, lower-cased (`Application/JSON; charset=utf-8` →
 /// `application/json`).
 fn essence(ct: &str) -> String {
-    ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 fn is_json(ct: Option<&str>) -> bool {
@@ -187,8 +191,8 @@ mod tests {
         let err = User::decode(None, Bytes::from_static(b"\xff not json")).expect_err("bad");
         assert_eq!(err.kind(), ErrorKind::Codec);
         assert!(err.to_string().contains("not a valid JSON"), "{err}");
-        let err = Proto::<ProtoUser>::decode(None, Bytes::from_static(b"\xff\xff\xff"))
-            .expect_err("bad");
+        let err =
+            Proto::<ProtoUser>::decode(None, Bytes::from_static(b"\xff\xff\xff")).expect_err("bad");
         assert_eq!(err.kind(), ErrorKind::Codec);
     }
 

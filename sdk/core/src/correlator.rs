@@ -167,7 +167,14 @@ impl Correlator {
     ) -> Result<Envelope> {
         let (tx, rx) = oneshot::channel();
         let (_id, _guard) = self
-            .submit(transport, pattern, msg, deadline, timeout_ms, Sink::Once(tx))
+            .submit(
+                transport,
+                pattern,
+                msg,
+                deadline,
+                timeout_ms,
+                Sink::Once(tx),
+            )
             .await?;
         await_reply(rx, deadline, timeout_ms, self.adapter).await
     }

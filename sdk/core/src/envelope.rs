@@ -214,8 +214,10 @@ impl Envelope {
 
     /// Time left until the deadline (`None` without one; zero once passed).
     pub fn time_left(&self) -> Option<Duration> {
-        self.deadline
-            .map(|d| d.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+        self.deadline.map(|d| {
+            d.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
     }
 
     /// The envelope as string headers (everything but the payload: reserved headers, then
@@ -283,7 +285,10 @@ impl Envelope {
                     let ms: u64 = value.parse().map_err(|_| {
                         Error::codec(
                             "core",
-                            format!("header `{}` is not a number of milliseconds: `{value}`", header::DEADLINE),
+                            format!(
+                                "header `{}` is not a number of milliseconds: `{value}`",
+                                header::DEADLINE
+                            ),
                         )
                     })?;
                     env.deadline = Some(UNIX_EPOCH + Duration::from_millis(ms));
@@ -323,7 +328,8 @@ mod tests {
     use super::*;
 
     fn full_envelope() -> Envelope {
-        let mut env = Envelope::new("users.get", &b"{\"id\":1}"[..]).with_content_type(content_type::JSON);
+        let mut env =
+            Envelope::new("users.get", &b"{\"id\":1}"[..]).with_content_type(content_type::JSON);
         env.correlation_id = Some(CorrelationId::new());
         env.causation_id = Some(MessageId::new());
         env.reply_to = Some("_replies.abc".into());
@@ -369,8 +375,8 @@ mod tests {
             .expect_err("bad deadline");
         assert_eq!(err.kind(), crate::ErrorKind::Codec);
         assert!(err.to_string().contains("sb-deadline"), "{err}");
-        let err = Envelope::from_headers([(header::ID, "42")], Bytes::new(), "p")
-            .expect_err("bad id");
+        let err =
+            Envelope::from_headers([(header::ID, "42")], Bytes::new(), "p").expect_err("bad id");
         assert_eq!(err.kind(), crate::ErrorKind::Codec);
     }
 

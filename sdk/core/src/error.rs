@@ -128,7 +128,11 @@ impl Error {
 
     /// An [`ErrorKind::Closed`] error.
     pub fn closed(adapter: &'static str) -> Self {
-        Error::new(ErrorKind::Closed, adapter, "the client or subscription is closed")
+        Error::new(
+            ErrorKind::Closed,
+            adapter,
+            "the client or subscription is closed",
+        )
     }
 
     /// What went wrong.
@@ -188,7 +192,11 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (&self.code, self.kind) {
             (Some(code), ErrorKind::Handler) => {
-                write!(f, "handler error `{code}`: {} ({})", self.message, self.adapter)
+                write!(
+                    f,
+                    "handler error `{code}`: {} ({})",
+                    self.message, self.adapter
+                )
             }
             _ => write!(f, "{} ({})", self.message, self.adapter),
         }

@@ -84,7 +84,9 @@ impl MemoryConfig {
                 other => {
                     return Err(Error::invalid_config(
                         NAME,
-                        format!("unknown option `{other}` in memory URL (known: max_payload, timeout_ms)"),
+                        format!(
+                            "unknown option `{other}` in memory URL (known: max_payload, timeout_ms)"
+                        ),
                     ));
                 }
             }
@@ -348,12 +350,10 @@ impl Publisher for MemoryTransport {
             Route::Request(pattern) => {
                 let q = lock(&self.bus.requests).get(pattern).cloned();
                 match q {
-                    Some(q) if q.consumers.load(Ordering::Acquire) > 0 => {
-                        q.push(Msg {
-                            env: msg,
-                            attempt: 0,
-                        })
-                    }
+                    Some(q) if q.consumers.load(Ordering::Acquire) > 0 => q.push(Msg {
+                        env: msg,
+                        attempt: 0,
+                    }),
                     _ => {
                         return Err(Error::new(
                             ErrorKind::NoResponder,
@@ -423,13 +423,14 @@ impl Subscriber for MemoryTransport {
         }
         let guard = InboxGuard(self.bus.clone(), address.clone());
         let closed = self.closed.clone();
-        let stream = futures::stream::unfold((rx, guard, closed), |(mut rx, guard, closed)| async move {
-            let env = tokio::select! {
-                _ = closed.cancelled() => None,
-                env = rx.recv() => env,
-            }?;
-            Some((Delivery::new(env, 1, Box::new(NoAck)), (rx, guard, closed)))
-        });
+        let stream =
+            futures::stream::unfold((rx, guard, closed), |(mut rx, guard, closed)| async move {
+                let env = tokio::select! {
+                    _ = closed.cancelled() => None,
+                    env = rx.recv() => env,
+                }?;
+                Some((Delivery::new(env, 1, Box::new(NoAck)), (rx, guard, closed)))
+            });
         Ok(Inbox {
             address,
             subscription: Subscription::new(stream),

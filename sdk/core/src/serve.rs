@@ -324,7 +324,12 @@ impl Client {
     ///
     /// # Errors
     /// `InvalidConfig` for a malformed pattern or group; transport errors while subscribing.
-    pub async fn on_event<E, F, Fut>(&self, pattern: &str, group: &str, handler: F) -> Result<Service>
+    pub async fn on_event<E, F, Fut>(
+        &self,
+        pattern: &str,
+        group: &str,
+        handler: F,
+    ) -> Result<Service>
     where
         E: Body,
         F: Fn(E, Context) -> Fut + Send + Sync + 'static,
@@ -366,7 +371,14 @@ impl Client {
             )
             .await?;
         let erased = erase::<E, (), F, Fut>(handler);
-        Ok(self.start(pattern, Kind::Event, Some(group.to_owned()), opts, sub, erased))
+        Ok(self.start(
+            pattern,
+            Kind::Event,
+            Some(group.to_owned()),
+            opts,
+            sub,
+            erased,
+        ))
     }
 
     fn start(
@@ -487,7 +499,10 @@ impl Worker {
                     self.reply(&env, Err(Failure::Codec(reason))).await;
                     settle(acker.ack().await);
                 }
-                Kind::Event => self.dead_letter(env, attempt, &format!("malformed: {reason}"), acker).await,
+                Kind::Event => {
+                    self.dead_letter(env, attempt, &format!("malformed: {reason}"), acker)
+                        .await
+                }
             }
             return;
         }
@@ -536,7 +551,11 @@ impl Worker {
         }
     }
 
-    async fn reply(&self, req: &Envelope, out: std::result::Result<Option<(Bytes, &'static str)>, Failure>) {
+    async fn reply(
+        &self,
+        req: &Envelope,
+        out: std::result::Result<Option<(Bytes, &'static str)>, Failure>,
+    ) {
         let Some(to) = req.reply_to.as_deref() else {
             return;
         };
@@ -549,22 +568,42 @@ impl Worker {
                 r
             }
         };
-        if let Err(e) = self.client.transport().publish(Route::Reply(to), reply).await {
+        if let Err(e) = self
+            .client
+            .transport()
+            .publish(Route::Reply(to), reply)
+            .await
+        {
             tracing::warn!(pattern = %self.pattern, error = %e, "could not send a reply");
         }
     }
 
     /// Sends the message to the pattern's dead-letter destination, then acknowledges it. If
     /// the dead letter cannot be sent, the message is handed back instead: never lost.
-    async fn dead_letter(&self, mut env: Envelope, attempt: u32, reason: &str, acker: Box<dyn Acker>) {
+    async fn dead_letter(
+        &self,
+        mut env: Envelope,
+        attempt: u32,
+        reason: &str,
+        acker: Box<dyn Acker>,
+    ) {
         tracing::warn!(pattern = %self.pattern, id = %env.id, attempt, %reason, "dead-lettering");
-        env.headers.insert(header::DEAD_LETTER_REASON.to_owned(), reason.to_owned());
-        env.headers.insert(header::DEAD_LETTER_ATTEMPTS.to_owned(), attempt.to_string());
-        env.headers.insert(header::ORIGINAL_PATTERN.to_owned(), self.pattern.clone());
+        env.headers
+            .insert(header::DEAD_LETTER_REASON.to_owned(), reason.to_owned());
+        env.headers
+            .insert(header::DEAD_LETTER_ATTEMPTS.to_owned(), attempt.to_string());
+        env.headers
+            .insert(header::ORIGINAL_PATTERN.to_owned(), self.pattern.clone());
         if let Some(g) = &self.group {
-            env.headers.insert(header::DEAD_LETTER_GROUP.to_owned(), g.clone());
+            env.headers
+                .insert(header::DEAD_LETTER_GROUP.to_owned(), g.clone());
         }
-        match self.client.transport().publish(Route::DeadLetter(&self.pattern), env).await {
+        match self
+            .client
+            .transport()
+            .publish(Route::DeadLetter(&self.pattern), env)
+            .await
+        {
             Ok(()) => {
                 Counters::inc(&self.counters().dead_lettered);
                 settle(acker.ack().await);
@@ -592,9 +631,15 @@ mod tests {
         let b = Backoff::exponential(Duration::from_millis(100), Duration::from_millis(350));
         for _ in 0..50 {
             let d1 = b.delay(1);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100), "{d1:?}");
+            assert!(
+                d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100),
+                "{d1:?}"
+            );
             let d3 = b.delay(3);
-            assert!(d3 >= Duration::from_millis(175) && d3 <= Duration::from_millis(350), "{d3:?}");
+            assert!(
+                d3 >= Duration::from_millis(175) && d3 <= Duration::from_millis(350),
+                "{d3:?}"
+            );
             assert!(b.delay(40) <= Duration::from_millis(350));
         }
     }

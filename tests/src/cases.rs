@@ -1,0 +1,1123 @@
+//! The cases, one async function each, named by the behaviour SPEC.md promises.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use switchboard::{
+    Backoff, CallOptions, Client, Envelope, ErrorKind, HandlerError, HandlerOptions, Raw, Route,
+    Subscription, header,
+};
+use tokio::sync::Semaphore;
+
+use crate::{Harness, Outcome, STEP, eventually, within, within_for};
+
+/// The payload of most cases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    /// Identifies the message within a case.
+    pub id: u64,
+    /// Free text.
+    pub name: String,
+}
+
+fn item(id: u64) -> Item {
+    Item {
+        id,
+        name: "Ada Lovelace".into(),
+    }
+}
+
+fn fast_retries(max_attempts: u32) -> HandlerOptions {
+    HandlerOptions::new()
+        .max_attempts(max_attempts)
+        .backoff(Backoff::exponential(
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+        ))
+}
+
+async fn echo_server(h: &Harness, pattern: &str) -> Client {
+    let server = h.client().await;
+    within(
+        "register echo handler",
+        server.handle(pattern, |req: Item, _ctx| async move {
+            Ok::<_, HandlerError>(req)
+        }),
+    )
+    .await
+    .expect("handler registers");
+    server
+}
+
+async fn next_dead_letter(sub: &mut Subscription) -> Envelope {
+    let d = within("a dead letter", sub.next())
+        .await
+        .expect("dead-letter subscription ended");
+    let env = d.envelope.clone();
+    within("ack the dead letter", d.ack())
+        .await
+        .expect("dead letter acked");
+    env
+}
+
+/// `send` returns the handler's reply.
+pub async fn send_gets_its_reply(h: Harness) -> Outcome {
+    let p = h.pattern("send");
+    let server = echo_server(&h, &p).await;
+    let client = h.client().await;
+    for id in 0..20 {
+        let reply: Item = within("send", client.send(&p, &item(id)))
+            .await
+            .expect("reply");
+        assert_eq!(reply, item(id));
+    }
+    assert_eq!(client.stats().sent, 20);
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A handler's `Err` reaches the caller as a `Handler` error with its code: through `send` and
+/// through `request`, at once and never as a timeout.
+pub async fn handler_error_reaches_the_caller_as_a_typed_error(h: Harness) -> Outcome {
+    let p = h.pattern("handler-error");
+    let server = h.client().await;
+    within(
+        "register",
+        server.handle(&p, |req: Item, _ctx| async move {
+            Err::<Item, _>(HandlerError::new(
+                "not_found",
+                format!("no item {}", req.id),
+            ))
+        }),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    let opts = CallOptions::new().timeout(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let err = within("send", client.send_with::<Item, Item>(&p, &item(7), &opts))
+        .await
+        .expect_err("handler error");
+    assert_eq!(err.kind(), ErrorKind::Handler, "{err}");
+    assert_eq!(err.code(), "not_found");
+    assert!(err.message().contains("no item 7"), "{err}");
+    assert!(!err.is_retryable());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a handler error must not wait for the timeout"
+    );
+    let pending = within("request", client.request::<Item, Item>(&p, &item(8)))
+        .await
+        .expect("accepted");
+    let err = within("reply", pending).await.expect_err("handler error");
+    assert_eq!(err.kind(), ErrorKind::Handler);
+    assert_eq!(err.code(), "not_found");
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// `send` to a pattern nobody serves fails with a clear error within its deadline:
+/// `NoResponder` where the transport can tell, otherwise `Timeout` at the deadline.
+pub async fn send_without_handler_fails_within_the_deadline(h: Harness) -> Outcome {
+    let p = h.pattern("nobody");
+    let client = h.client().await;
+    let timeout = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let err = within(
+        "send",
+        client.send_with::<Item, Item>(&p, &item(1), &CallOptions::new().timeout(timeout)),
+    )
+    .await
+    .expect_err("nobody answers");
+    let took = started.elapsed();
+    assert!(took < timeout + Duration::from_millis(400), "took {took:?}");
+    if h.caps().detects_no_responder {
+        assert_eq!(err.kind(), ErrorKind::NoResponder, "{err}");
+        assert!(
+            err.to_string().contains(&p),
+            "the error names the pattern: {err}"
+        );
+        assert!(
+            took < timeout,
+            "no-responder is detected before the deadline"
+        );
+    } else {
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    }
+    assert!(err.is_retryable());
+    Outcome::Passed
+}
+
+/// A `send` whose handler is too slow fails with `Timeout` at its deadline, not before and not
+/// long after.
+pub async fn send_times_out_at_its_deadline(h: Harness) -> Outcome {
+    let p = h.pattern("slow");
+    let gate = Arc::new(Semaphore::new(0));
+    let server = h.client().await;
+    let g = gate.clone();
+    within(
+        "register",
+        server.handle(&p, move |req: Item, _ctx| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await;
+                Ok::<_, HandlerError>(req)
+            }
+        }),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    let timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let err = within(
+        "send",
+        client.send_with::<Item, Item>(&p, &item(1), &CallOptions::new().timeout(timeout)),
+    )
+    .await
+    .expect_err("times out");
+    let took = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(err.to_string().contains("300ms"), "{err}");
+    assert!(took >= timeout, "timed out early: {took:?}");
+    assert!(
+        took < timeout + Duration::from_millis(400),
+        "timed out late: {took:?}"
+    );
+    gate.close();
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A request that waited in the queue past its deadline is dropped before its handler runs,
+/// and counted.
+pub async fn expired_request_never_reaches_its_handler(h: Harness) -> Outcome {
+    let p = h.pattern("expired");
+    let gate = Arc::new(Semaphore::new(0));
+    let seen = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let server = h.client().await;
+    let (g, s) = (gate.clone(), seen.clone());
+    within(
+        "register",
+        server.handle_with(
+            &p,
+            HandlerOptions::new().concurrency(1),
+            move |req: Item, _ctx| {
+                let (g, s) = (g.clone(), s.clone());
+                async move {
+                    s.lock().expect("lock").push(req.id);
+                    if req.id == 1 {
+                        let _ = g.acquire().await;
+                    }
+                    Ok::<_, HandlerError>(req)
+                }
+            },
+        ),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    // Request 1 occupies the only slot until the gate opens.
+    let first = within(
+        "request 1",
+        client.request_with::<Item, Item>(&p, &item(1), &CallOptions::new().timeout(STEP)),
+    )
+    .await
+    .expect("accepted");
+    eventually(STEP, "request 1 is being handled", || {
+        seen.lock().expect("lock").contains(&1)
+    })
+    .await;
+    // Request 2 waits behind it and its deadline passes.
+    let err = within(
+        "request 2",
+        client.send_with::<Item, Item>(
+            &p,
+            &item(2),
+            &CallOptions::new().timeout(Duration::from_millis(200)),
+        ),
+    )
+    .await
+    .expect_err("expires");
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    gate.add_permits(1);
+    assert_eq!(within("reply 1", first).await.expect("reply"), item(1));
+    eventually(STEP, "the expired request is counted", || {
+        server.stats().expired_dropped >= 1
+    })
+    .await;
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        vec![1],
+        "request 2 reached its handler"
+    );
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// Every consumer group gets each event exactly once; within a group one member handles it.
+pub async fn emit_reaches_every_group_once_and_one_member_per_group(h: Harness) -> Outcome {
+    let p = h.pattern("fanout");
+    let n = 60u64;
+    // seen[(group, member)] = ids handled
+    let seen: Arc<Mutex<HashMap<(&'static str, usize), Vec<u64>>>> = Arc::default();
+    let mut services = Vec::new();
+    for (group, member) in [("billing", 0), ("billing", 1), ("audit", 0)] {
+        let c = h.client().await;
+        let s = seen.clone();
+        within(
+            "subscribe",
+            c.on_event(&p, group, move |e: Item, _ctx| {
+                let s = s.clone();
+                async move {
+                    s.lock()
+                        .expect("lock")
+                        .entry((group, member))
+                        .or_default()
+                        .push(e.id);
+                    Ok(())
+                }
+            }),
+        )
+        .await
+        .expect("subscribes");
+        services.push(c);
+    }
+    let emitter = h.client().await;
+    for id in 0..n {
+        within("emit", emitter.emit(&p, &item(id)))
+            .await
+            .expect("accepted");
+    }
+    let total = |seen: &HashMap<(&'static str, usize), Vec<u64>>, g: &str| -> usize {
+        seen.iter()
+            .filter(|((gr, _), _)| *gr == g)
+            .map(|(_, v)| v.len())
+            .sum()
+    };
+    eventually(STEP * 2, "both groups handled every event", || {
+        let s = seen.lock().expect("lock");
+        total(&s, "billing") >= n as usize && total(&s, "audit") >= n as usize
+    })
+    .await;
+    let s = seen.lock().expect("lock").clone();
+    for g in ["billing", "audit"] {
+        let ids: Vec<u64> = s
+            .iter()
+            .filter(|((gr, _), _)| *gr == g)
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        let unique: HashSet<u64> = ids.iter().copied().collect();
+        assert_eq!(
+            ids.len(),
+            n as usize,
+            "group {g} handled {} events",
+            ids.len()
+        );
+        assert_eq!(unique.len(), n as usize, "group {g} handled duplicates");
+    }
+    assert_eq!(emitter.stats().emitted, n);
+    for c in services {
+        within("shutdown", c.shutdown()).await.expect("shutdown");
+    }
+    Outcome::Passed
+}
+
+/// 10,000 `request`s in flight at once, on one reply channel, each matched to its own reply.
+pub async fn ten_thousand_concurrent_requests_are_all_matched(h: Harness) -> Outcome {
+    let p = h.pattern("many");
+    let n = h.load("ten_thousand_concurrent_requests_are_all_matched", 10_000) as u64;
+    let server = h.client().await;
+    within(
+        "register",
+        server.handle_with(
+            &p,
+            HandlerOptions::new().concurrency(256),
+            |req: Item, _ctx| async move { Ok::<_, HandlerError>(req) },
+        ),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    let opts = CallOptions::new().timeout(Duration::from_secs(60));
+    let mut pending = Vec::with_capacity(n as usize);
+    for id in 0..n {
+        let handle = within(
+            "request",
+            client.request_with::<Item, Item>(&p, &item(id), &opts),
+        )
+        .await
+        .expect("accepted");
+        pending.push((id, handle));
+    }
+    let ids: HashSet<_> = pending.iter().map(|(_, p)| p.correlation_id()).collect();
+    assert_eq!(ids.len(), n as usize, "correlation ids are unique");
+    let replies = within_for(
+        Duration::from_secs(90),
+        "all replies",
+        futures::future::join_all(
+            pending
+                .into_iter()
+                .map(|(id, p)| async move { (id, p.await) }),
+        ),
+    )
+    .await;
+    for (id, r) in replies {
+        let r = r.unwrap_or_else(|e| panic!("request {id} failed: {e}"));
+        assert_eq!(r.id, id, "request {id} got the reply of request {}", r.id);
+    }
+    assert_eq!(client.requests_in_flight(), 0);
+    assert_eq!(client.stats().late_replies, 0);
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A reply stream yields each request's reply once, with its correlation id, and a timeout for
+/// a request that got none; then it ends.
+pub async fn reply_stream_yields_every_reply_and_timeout(h: Harness) -> Outcome {
+    let p = h.pattern("stream");
+    let slow = h.pattern("stream-slow");
+    let server = echo_server(&h, &p).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    within(
+        "register slow",
+        server.handle(&slow, move |req: Item, _ctx| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await;
+                Ok::<_, HandlerError>(req)
+            }
+        }),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    let mut stream = within("open stream", client.reply_stream::<Item>())
+        .await
+        .expect("stream");
+    let mut expected = HashMap::new();
+    for id in 0..200 {
+        let cid = within("request", stream.request(&p, &item(id)))
+            .await
+            .expect("accepted");
+        expected.insert(cid, id);
+    }
+    let slow_id = within(
+        "slow request",
+        stream.request_with(
+            &slow,
+            &item(999),
+            &CallOptions::new().timeout(Duration::from_millis(200)),
+        ),
+    )
+    .await
+    .expect("accepted");
+    let mut timeouts = 0;
+    while let Some((cid, r)) = within("next reply", stream.next()).await {
+        if cid == slow_id {
+            assert_eq!(r.expect_err("times out").kind(), ErrorKind::Timeout);
+            timeouts += 1;
+        } else {
+            let want = expected
+                .remove(&cid)
+                .expect("a reply for a request of this stream, once");
+            assert_eq!(r.expect("reply").id, want);
+        }
+    }
+    assert!(expected.is_empty(), "{} replies missing", expected.len());
+    assert_eq!(timeouts, 1);
+    gate.close();
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A reply that arrived in time is returned even when its handle is awaited long after the
+/// deadline.
+pub async fn reply_awaited_long_after_it_arrived_is_returned(h: Harness) -> Outcome {
+    let p = h.pattern("await-later");
+    let server = echo_server(&h, &p).await;
+    let client = h.client().await;
+    let pending = within(
+        "request",
+        client.request_with::<Item, Item>(
+            &p,
+            &item(5),
+            &CallOptions::new().timeout(Duration::from_millis(400)),
+        ),
+    )
+    .await
+    .expect("accepted");
+    eventually(STEP, "the reply has arrived", || {
+        client.requests_in_flight() == 0
+    })
+    .await;
+    // Deliberately let the deadline pass before awaiting.
+    tokio::time::sleep_until(pending.deadline() + Duration::from_millis(100)).await;
+    let reply = within("await the handle", pending)
+        .await
+        .expect("reply kept");
+    assert_eq!(reply, item(5));
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A reply that arrives after its request's deadline is dropped and counted, and never handed
+/// to another request.
+pub async fn late_reply_is_dropped_and_counted(h: Harness) -> Outcome {
+    let p = h.pattern("late");
+    let gate = Arc::new(Semaphore::new(0));
+    let server = h.client().await;
+    let g = gate.clone();
+    within(
+        "register",
+        server.handle(&p, move |req: Item, _ctx| {
+            let g = g.clone();
+            async move {
+                if req.id == 1 {
+                    // One permit per late request.
+                    if let Ok(permit) = g.acquire().await {
+                        permit.forget();
+                    }
+                }
+                Ok::<_, HandlerError>(req)
+            }
+        }),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    let err = within(
+        "send 1",
+        client.send_with::<Item, Item>(
+            &p,
+            &item(1),
+            &CallOptions::new().timeout(Duration::from_millis(200)),
+        ),
+    )
+    .await
+    .expect_err("times out");
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    // The handler now replies, late.
+    gate.add_permits(1);
+    let reply = within("send 2", client.send::<Item, Item>(&p, &item(2)))
+        .await
+        .expect("reply");
+    assert_eq!(reply.id, 2, "the late reply went to the wrong request");
+    eventually(STEP, "the late reply is counted", || {
+        client.stats().late_replies == 1
+    })
+    .await;
+    // The same through a handle that is not awaited before its deadline: the reply arrives
+    // late, is counted, and the handle reports a timeout rather than the stale reply.
+    let pending = within(
+        "request",
+        client.request_with::<Item, Item>(
+            &p,
+            &item(1),
+            &CallOptions::new().timeout(Duration::from_millis(200)),
+        ),
+    )
+    .await
+    .expect("accepted");
+    tokio::time::sleep_until(pending.deadline() + Duration::from_millis(20)).await;
+    gate.add_permits(1);
+    eventually(STEP, "the second late reply is counted", || {
+        client.stats().late_replies == 2
+    })
+    .await;
+    let err = within("await the late handle", pending)
+        .await
+        .expect_err("late reply is not handed over");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// An event whose handler failed is delivered again, with the attempt counted.
+pub async fn nacked_event_is_redelivered(h: Harness) -> Outcome {
+    if !h.caps().redelivery_on_nack {
+        return Outcome::Skipped("transport declares no redelivery on nack".into());
+    }
+    let p = h.pattern("nack");
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let server = h.client().await;
+    let a = attempts.clone();
+    within(
+        "subscribe",
+        server.on_event_with(&p, "workers", fast_retries(5), move |e: Item, ctx| {
+            let a = a.clone();
+            async move {
+                a.lock().expect("lock").push((e.id, ctx.attempt()));
+                if ctx.attempt() < 2 {
+                    Err(HandlerError::new("flaky", "first attempt fails"))
+                } else {
+                    Ok(())
+                }
+            }
+        }),
+    )
+    .await
+    .expect("subscribes");
+    let emitter = h.client().await;
+    within("emit", emitter.emit(&p, &item(1)))
+        .await
+        .expect("accepted");
+    eventually(STEP, "handled on the second attempt", || {
+        server.stats().handled == 1
+    })
+    .await;
+    assert_eq!(*attempts.lock().expect("lock"), vec![(1, 1), (1, 2)]);
+    let st = server.stats();
+    assert_eq!((st.failed, st.retried, st.dead_lettered), (1, 1, 0));
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A handler that panics does not take the process down: the event is retried, then
+/// dead-lettered with the reason, the attempt count, the pattern and the group in its
+/// headers; the consumer keeps handling other events.
+pub async fn panicking_handler_is_retried_then_dead_lettered_with_reason(h: Harness) -> Outcome {
+    let p = h.pattern("panic");
+    let runs = Arc::new(AtomicU32::new(0));
+    let good = Arc::new(AtomicU32::new(0));
+    let server = h.client().await;
+    let mut dead = within("subscribe dead letters", server.dead_letters(&p))
+        .await
+        .expect("subscribes");
+    let (r, g) = (runs.clone(), good.clone());
+    within(
+        "subscribe",
+        server.on_event_with(&p, "fragile", fast_retries(3), move |e: Item, _ctx| {
+            let (r, g) = (r.clone(), g.clone());
+            async move {
+                if e.id == 13 {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    panic!("unlucky item {}", e.id);
+                }
+                g.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribes");
+    let emitter = h.client().await;
+    within("emit", emitter.emit(&p, &item(13)))
+        .await
+        .expect("accepted");
+    let dl = next_dead_letter(&mut dead).await;
+    let expected_attempts = if h.caps().redelivery_on_nack { 3 } else { 1 };
+    assert_eq!(runs.load(Ordering::SeqCst), expected_attempts);
+    let reason = dl
+        .headers
+        .get(header::DEAD_LETTER_REASON)
+        .expect("reason header");
+    assert!(
+        reason.contains("panicked") && reason.contains("unlucky item 13"),
+        "{reason}"
+    );
+    assert_eq!(
+        dl.headers
+            .get(header::DEAD_LETTER_ATTEMPTS)
+            .map(String::as_str),
+        Some(expected_attempts.to_string().as_str())
+    );
+    assert_eq!(dl.headers.get(header::ORIGINAL_PATTERN), Some(&p));
+    assert_eq!(
+        dl.headers
+            .get(header::DEAD_LETTER_GROUP)
+            .map(String::as_str),
+        Some("fragile")
+    );
+    let body: Item = serde_json::from_slice(&dl.payload).expect("original payload kept");
+    assert_eq!(body.id, 13);
+    // The consumer survived and keeps going.
+    within("emit", emitter.emit(&p, &item(14)))
+        .await
+        .expect("accepted");
+    eventually(STEP, "the next event is handled", || {
+        good.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(server.stats().dead_lettered, 1);
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// Bytes that do not decode go to the dead-letter destination at once, with the reason; the
+/// consumer is not blocked and handles the next event.
+pub async fn poison_message_is_dead_lettered_and_consumer_continues(h: Harness) -> Outcome {
+    let p = h.pattern("poison");
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let server = h.client().await;
+    let mut dead = within("subscribe dead letters", server.dead_letters(&p))
+        .await
+        .expect("subscribes");
+    let hd = handled.clone();
+    within(
+        "subscribe",
+        server.on_event_with(&p, "strict", fast_retries(5), move |e: Item, _ctx| {
+            let hd = hd.clone();
+            async move {
+                hd.lock().expect("lock").push(e.id);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribes");
+    let emitter = h.client().await;
+    // Not JSON at all, sent as JSON.
+    let mut poison = Envelope::new(p.clone(), Bytes::from_static(b"\xff\xfe{not json"));
+    poison.content_type = Some("application/json".into());
+    within(
+        "publish poison",
+        emitter.transport().publish(Route::Event(&p), poison),
+    )
+    .await
+    .expect("accepted");
+    // Valid JSON, wrong shape.
+    within(
+        "emit wrong shape",
+        emitter.emit(&p, &serde_json::json!({"nope": true})),
+    )
+    .await
+    .expect("accepted");
+    within("emit good", emitter.emit(&p, &item(3)))
+        .await
+        .expect("accepted");
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let dl = next_dead_letter(&mut dead).await;
+        let reason = dl
+            .headers
+            .get(header::DEAD_LETTER_REASON)
+            .cloned()
+            .expect("reason");
+        assert!(reason.contains("codec"), "{reason}");
+        assert_eq!(
+            dl.headers
+                .get(header::DEAD_LETTER_ATTEMPTS)
+                .map(String::as_str),
+            Some("1"),
+            "poison is not retried"
+        );
+        reasons.push(reason);
+    }
+    eventually(STEP, "the good event is handled", || {
+        handled.lock().expect("lock").contains(&3)
+    })
+    .await;
+    assert_eq!(*handled.lock().expect("lock"), vec![3]);
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// Events with the same key are handled in order, even with a concurrent handler and a failed
+/// attempt in the middle.
+pub async fn order_per_key_is_kept(h: Harness) -> Outcome {
+    if !h.caps().ordered {
+        return Outcome::Skipped("transport declares no ordering per key".into());
+    }
+    let p = h.pattern("order");
+    let per_key = 30u64;
+    let keys = ["k0", "k1", "k2"];
+    let seen: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let failed_once = Arc::new(AtomicU32::new(0));
+    let server = h.client().await;
+    let (s, f) = (seen.clone(), failed_once.clone());
+    within(
+        "subscribe",
+        server.on_event_with(
+            &p,
+            "ordered",
+            fast_retries(5).concurrency(8),
+            move |e: Item, ctx| {
+                let (s, f) = (s.clone(), f.clone());
+                async move {
+                    let key = ctx.envelope().key.clone().unwrap_or_default();
+                    // Give other deliveries a chance to overtake, if the transport let them.
+                    tokio::task::yield_now().await;
+                    if key == "k1" && e.id == 5 && f.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(HandlerError::new("flaky", "fail once in the middle"));
+                    }
+                    s.lock().expect("lock").entry(key).or_default().push(e.id);
+                    Ok(())
+                }
+            },
+        ),
+    )
+    .await
+    .expect("subscribes");
+    let emitter = h.client().await;
+    for seq in 0..per_key {
+        for k in keys {
+            within(
+                "emit",
+                emitter.emit_with(&p, &item(seq), &CallOptions::new().key(k)),
+            )
+            .await
+            .expect("accepted");
+        }
+    }
+    eventually(STEP * 2, "every keyed event handled", || {
+        let s = seen.lock().expect("lock");
+        keys.iter()
+            .all(|k| s.get(*k).is_some_and(|v| v.len() == per_key as usize))
+    })
+    .await;
+    let s = seen.lock().expect("lock");
+    for k in keys {
+        let want: Vec<u64> = (0..per_key).collect();
+        assert_eq!(s[k], want, "key {k} out of order");
+    }
+    assert_eq!(
+        failed_once.load(Ordering::SeqCst),
+        2,
+        "the failing event ran twice"
+    );
+    drop(s);
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Seen {
+    id: String,
+    correlation_id: Option<String>,
+    causation_id: Option<String>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    has_deadline: bool,
+    tenant: Option<String>,
+}
+
+fn seen_of(env: &Envelope) -> Seen {
+    Seen {
+        id: env.id.to_string(),
+        correlation_id: env.correlation_id.map(|c| c.to_string()),
+        causation_id: env.causation_id.map(|c| c.to_string()),
+        traceparent: env.headers.get(header::TRACEPARENT).cloned(),
+        tracestate: env.headers.get(header::TRACESTATE).cloned(),
+        has_deadline: env.deadline.is_some(),
+        tenant: env.headers.get("x-tenant").cloned(),
+    }
+}
+
+/// Correlation id, causation id, deadline, W3C trace context and user headers travel A → B → C
+/// and back.
+pub async fn correlation_causation_and_trace_headers_round_trip(h: Harness) -> Outcome {
+    let front = h.pattern("front");
+    let back = h.pattern("back");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let server = h.client().await;
+    within(
+        "register back",
+        server.handle(&back, |_: Item, ctx| async move {
+            Ok::<_, HandlerError>(seen_of(ctx.envelope()))
+        }),
+    )
+    .await
+    .expect("registers");
+    let b = back.clone();
+    within(
+        "register front",
+        server.handle(&front, move |req: Item, ctx| {
+            let b = b.clone();
+            async move {
+                let inner: Seen = ctx.send(&b, &req).await?;
+                Ok::<_, HandlerError>((seen_of(ctx.envelope()), inner))
+            }
+        }),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    let opts = CallOptions::new()
+        .header(header::TRACEPARENT, tp)
+        .header(header::TRACESTATE, "vendor=1")
+        .header("x-tenant", "acme");
+    let pending = within(
+        "request",
+        client.request_with::<Item, (Seen, Seen)>(&front, &item(1), &opts),
+    )
+    .await
+    .expect("accepted");
+    let cid = pending.correlation_id().to_string();
+    let (a, c) = within("reply", pending).await.expect("reply");
+    assert_eq!(
+        a.correlation_id.as_deref(),
+        Some(cid.as_str()),
+        "correlation id reached B"
+    );
+    assert_eq!(a.traceparent.as_deref(), Some(tp));
+    assert_eq!(a.tracestate.as_deref(), Some("vendor=1"));
+    assert_eq!(a.tenant.as_deref(), Some("acme"));
+    assert!(a.has_deadline, "the deadline travels with the request");
+    assert_eq!(
+        c.causation_id.as_deref(),
+        Some(a.id.as_str()),
+        "C was caused by B's message"
+    );
+    assert_eq!(
+        c.traceparent.as_deref(),
+        Some(tp),
+        "trace context travels to C"
+    );
+    assert!(c.has_deadline, "the deadline travels to C");
+    assert!(c.correlation_id.is_some());
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// Stopping a handler finishes the deliveries it holds, acknowledges nothing unfinished, and
+/// leaves the rest for the next member: every event is handled, none twice.
+pub async fn graceful_shutdown_loses_nothing(h: Harness) -> Outcome {
+    let p = h.pattern("drain");
+    let n = 40usize;
+    let started: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let finished: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let handler = {
+        let (st, fi) = (started.clone(), finished.clone());
+        move |e: Item, _ctx: switchboard::Context| {
+            let (st, fi) = (st.clone(), fi.clone());
+            async move {
+                st.lock().expect("lock").push(e.id);
+                // Work that takes a while, so shutdown finds handlers mid-way.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                fi.lock().expect("lock").push(e.id);
+                Ok(())
+            }
+        }
+    };
+    let first = h.client().await;
+    let service = within(
+        "subscribe",
+        first.on_event_with(
+            &p,
+            "drainers",
+            HandlerOptions::new().concurrency(4),
+            handler.clone(),
+        ),
+    )
+    .await
+    .expect("subscribes");
+    let emitter = h.client().await;
+    for id in 0..n as u64 {
+        within("emit", emitter.emit(&p, &item(id)))
+            .await
+            .expect("accepted");
+    }
+    eventually(STEP, "some events handled", || {
+        finished.lock().expect("lock").len() >= 8
+    })
+    .await;
+    within("graceful shutdown", service.shutdown()).await;
+    {
+        let st = started.lock().expect("lock");
+        let fi = finished.lock().expect("lock");
+        let st_set: HashSet<_> = st.iter().collect();
+        let fi_set: HashSet<_> = fi.iter().collect();
+        assert_eq!(st_set, fi_set, "shutdown returned with handlers unfinished");
+        assert!(fi.len() < n, "shutdown came too late to test anything");
+    }
+    let second = h.client().await;
+    within(
+        "subscribe again",
+        second.on_event_with(
+            &p,
+            "drainers",
+            HandlerOptions::new().concurrency(4),
+            handler,
+        ),
+    )
+    .await
+    .expect("subscribes");
+    eventually(STEP * 2, "every event handled", || {
+        finished.lock().expect("lock").len() >= n
+    })
+    .await;
+    let fi = finished.lock().expect("lock").clone();
+    let unique: HashSet<_> = fi.iter().collect();
+    assert_eq!(unique.len(), n, "events lost");
+    assert_eq!(fi.len(), n, "events handled twice");
+    within("shutdown", first.shutdown())
+        .await
+        .expect("shutdown");
+    within("shutdown", second.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A handler never runs more deliveries at once than its concurrency allows.
+pub async fn handler_concurrency_is_bounded(h: Harness) -> Outcome {
+    let p = h.pattern("bounded");
+    let limit = 3usize;
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let server = h.client().await;
+    let (nw, pk, dn) = (now.clone(), peak.clone(), done.clone());
+    within(
+        "subscribe",
+        server.on_event_with(
+            &p,
+            "bounded",
+            HandlerOptions::new().concurrency(limit),
+            move |_: Item, _ctx| {
+                let (nw, pk, dn) = (nw.clone(), pk.clone(), dn.clone());
+                async move {
+                    let cur = nw.fetch_add(1, Ordering::SeqCst) + 1;
+                    pk.fetch_max(cur, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    nw.fetch_sub(1, Ordering::SeqCst);
+                    dn.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        ),
+    )
+    .await
+    .expect("subscribes");
+    let emitter = h.client().await;
+    for id in 0..30 {
+        within("emit", emitter.emit(&p, &item(id)))
+            .await
+            .expect("accepted");
+    }
+    eventually(STEP, "all handled", || done.load(Ordering::SeqCst) == 30).await;
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= limit, "{peak} handlers ran at once, limit {limit}");
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A message with none of the SDK's metadata (no content type, no ids), as a foreign producer
+/// would send it, still reaches an event handler with its payload as-is.
+pub async fn event_without_sdk_metadata_is_delivered_as_is(h: Harness) -> Outcome {
+    let p = h.pattern("foreign");
+    let got: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let server = h.client().await;
+    let g = got.clone();
+    within(
+        "subscribe raw",
+        server.on_event(&p, "raw", move |body: Raw, _ctx| {
+            let g = g.clone();
+            async move {
+                g.lock().expect("lock").push(body.0);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribes");
+    let typed: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let t = typed.clone();
+    within(
+        "subscribe typed",
+        server.on_event(&p, "typed", move |e: Item, _ctx| {
+            let t = t.clone();
+            async move {
+                t.lock().expect("lock").push(e.id);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribes");
+    let foreign = Envelope::new(p.clone(), Bytes::from_static(br#"{"id":42,"name":"x"}"#));
+    assert!(foreign.content_type.is_none());
+    let emitter = h.client().await;
+    within(
+        "publish",
+        emitter.transport().publish(Route::Event(&p), foreign),
+    )
+    .await
+    .expect("accepted");
+    eventually(STEP, "both groups got it", || {
+        !got.lock().expect("lock").is_empty() && !typed.lock().expect("lock").is_empty()
+    })
+    .await;
+    assert_eq!(
+        &got.lock().expect("lock")[0][..],
+        br#"{"id":42,"name":"x"}"#
+    );
+    assert_eq!(*typed.lock().expect("lock"), vec![42]);
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// Bad input is a typed error with a clear message, never a panic: malformed patterns, an
+/// oversized payload, a reply that does not decode.
+pub async fn bad_input_is_a_typed_error(h: Harness) -> Outcome {
+    let client = h.client().await;
+    for bad in ["", "a..b", ".a", "a.", "has space", "a/b", "ünï"] {
+        let err = within("emit", client.emit(bad, &item(1)))
+            .await
+            .expect_err("bad pattern");
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{bad:?}: {err}");
+        assert!(err.to_string().contains("invalid pattern"), "{err}");
+    }
+    let p = h.pattern("big");
+    let big = Raw(Bytes::from(vec![7u8; h.caps().max_payload + 1]));
+    let err = within("emit big", client.emit(&p, &big))
+        .await
+        .expect_err("too large");
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+    assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    // A reply that does not decode as the caller's type is a codec error.
+    let server = echo_server(&h, &p).await;
+    let err = within("send", client.send::<Item, Vec<String>>(&p, &item(1)))
+        .await
+        .expect_err("wrong reply type");
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    // A request that does not decode as the handler's type comes back as a codec error.
+    let err = within(
+        "send",
+        client.send::<_, Item>(&p, &serde_json::json!({"nope": 1})),
+    )
+    .await
+    .expect_err("wrong request type");
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
