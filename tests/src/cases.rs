@@ -268,12 +268,15 @@ pub async fn expired_request_never_reaches_its_handler(h: Harness) -> Outcome {
     Outcome::Passed
 }
 
+/// Event ids handled, by (group, member).
+type HandledBy = HashMap<(&'static str, usize), Vec<u64>>;
+
 /// Every consumer group gets each event exactly once; within a group one member handles it.
 pub async fn emit_reaches_every_group_once_and_one_member_per_group(h: Harness) -> Outcome {
     let p = h.pattern("fanout");
     let n = 60u64;
     // seen[(group, member)] = ids handled
-    let seen: Arc<Mutex<HashMap<(&'static str, usize), Vec<u64>>>> = Arc::default();
+    let seen: Arc<Mutex<HandledBy>> = Arc::default();
     let mut services = Vec::new();
     for (group, member) in [("billing", 0), ("billing", 1), ("audit", 0)] {
         let c = h.client().await;
@@ -302,7 +305,7 @@ pub async fn emit_reaches_every_group_once_and_one_member_per_group(h: Harness) 
             .await
             .expect("accepted");
     }
-    let total = |seen: &HashMap<(&'static str, usize), Vec<u64>>, g: &str| -> usize {
+    let total = |seen: &HandledBy, g: &str| -> usize {
         seen.iter()
             .filter(|((gr, _), _)| *gr == g)
             .map(|(_, v)| v.len())
@@ -794,7 +797,7 @@ pub async fn order_per_key_is_kept(h: Harness) -> Outcome {
             .all(|k| s.get(*k).is_some_and(|v| v.len() == per_key as usize))
     })
     .await;
-    let s = seen.lock().expect("lock");
+    let s = seen.lock().expect("lock").clone();
     for k in keys {
         let want: Vec<u64> = (0..per_key).collect();
         assert_eq!(s[k], want, "key {k} out of order");
@@ -804,7 +807,6 @@ pub async fn order_per_key_is_kept(h: Harness) -> Outcome {
         2,
         "the failing event ran twice"
     );
-    drop(s);
     within("shutdown", server.shutdown())
         .await
         .expect("shutdown");

@@ -163,7 +163,7 @@ where
 /// Expands to one `#[tokio::test]` per conformance case, each built on the harness that
 /// `$make` (an async expression, evaluated per test) produces.
 ///
-/// ```ignore
+/// ```text
 /// switchboard_conformance::conformance_suite!(memory_harness().await);
 /// ```
 #[macro_export]

@@ -16,7 +16,7 @@
 //! - [`client`]: `Client`, `CallOptions`, `PendingReply`, `ReplyStream`.
 //! - [`serve`]: handlers (`Client::handle`, `Client::on_event`), `Context`, `Service`.
 //! - [`transport`]: the SPI adapters implement (`Publisher`, `Subscriber`, `Requester`).
-//! - [`memory`]: `memory://`.
+//! - [`memory`]: the `memory://` transport.
 //!
 //! ## Quick start
 //! ```
