@@ -1118,6 +1118,74 @@ pub async fn bad_input_is_a_typed_error(h: Harness) -> Outcome {
     .await
     .expect_err("wrong request type");
     assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    // A reply too large for the transport comes back as that error, not as a timeout.
+    let huge = h.pattern("huge-reply");
+    let limit = h.caps().max_payload;
+    within(
+        "register",
+        server.handle(&huge, move |_: Item, _ctx| async move {
+            Ok::<_, HandlerError>(Raw(Bytes::from(vec![1u8; limit + 1])))
+        }),
+    )
+    .await
+    .expect("registers");
+    let started = std::time::Instant::now();
+    let err = within("send", client.send::<Item, Raw>(&huge, &item(1)))
+        .await
+        .expect_err("reply too large");
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "reported at once"
+    );
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// Shutting a client down fails its requests still waiting for a reply with `Closed` at once,
+/// rather than leaving them to their deadline; later calls fail with `Closed` too.
+pub async fn requests_waiting_at_shutdown_fail_with_closed(h: Harness) -> Outcome {
+    let p = h.pattern("closing");
+    let gate = Arc::new(Semaphore::new(0));
+    let server = h.client().await;
+    let g = gate.clone();
+    within(
+        "register",
+        server.handle(&p, move |req: Item, _ctx| {
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await;
+                Ok::<_, HandlerError>(req)
+            }
+        }),
+    )
+    .await
+    .expect("registers");
+    let client = h.client().await;
+    let opts = CallOptions::new().timeout(Duration::from_secs(30));
+    let pending = within(
+        "request",
+        client.request_with::<Item, Item>(&p, &item(1), &opts),
+    )
+    .await
+    .expect("accepted");
+    within("client shutdown", client.shutdown())
+        .await
+        .expect("shutdown");
+    let err = within("the waiting request", pending)
+        .await
+        .expect_err("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let err = within(
+        "send after shutdown",
+        client.send::<Item, Item>(&p, &item(2)),
+    )
+    .await
+    .expect_err("closed");
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    gate.close();
     within("shutdown", server.shutdown())
         .await
         .expect("shutdown");

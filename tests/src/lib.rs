@@ -189,6 +189,7 @@ macro_rules! conformance_suite {
             handler_concurrency_is_bounded,
             event_without_sdk_metadata_is_delivered_as_is,
             bad_input_is_a_typed_error,
+            requests_waiting_at_shutdown_fail_with_closed,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

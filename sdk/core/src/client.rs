@@ -442,7 +442,7 @@ impl Client {
         env.deadline = Some(wall);
         let c = self.correlator().await?;
         let (tx, rx) = oneshot::channel();
-        let (id, guard) = c
+        let id = c
             .submit(
                 self.inner.transport.as_ref(),
                 pattern,
@@ -452,6 +452,7 @@ impl Client {
                 Sink::Once(tx),
             )
             .await?;
+        let guard = c.guard(id);
         Counters::inc(&self.inner.counters.requested);
         Ok(PendingReply {
             id,
@@ -648,7 +649,7 @@ impl<Resp: Body> ReplyStream<Resp> {
         let mut env = client.envelope(pattern, req, opts)?;
         let (deadline, wall, timeout) = client.deadline(opts);
         env.deadline = Some(wall);
-        let (id, guard) = self
+        let id = self
             .correlator
             .submit(
                 client.inner.transport.as_ref(),
@@ -659,8 +660,7 @@ impl<Resp: Body> ReplyStream<Resp> {
                 Sink::Stream(self.tx.clone()),
             )
             .await?;
-        // The stream, not the guard, owns the waiter from here: its timer removes it.
-        std::mem::forget(guard);
+        // The stream owns the waiter from here: its timer, or its drop, removes it.
         Counters::inc(&client.inner.counters.requested);
         let key = self.timers.insert_at(id, deadline);
         self.keys.insert(id, Some(key));

@@ -85,6 +85,7 @@ impl Correlator {
         let pending: Arc<DashMap<CorrelationId, Waiter>> = Arc::new(DashMap::new());
         let map = pending.clone();
         let mut sub = inbox.subscription;
+        let adapter = transport.name();
         let pump = tokio::spawn(async move {
             while let Some(delivery) = sub.next().await {
                 let (env, _, _, acker) = delivery.into_parts();
@@ -117,6 +118,14 @@ impl Correlator {
                     }
                 }
             }
+            // The inbox is gone (the transport closed): no reply can come any more, so every
+            // waiter learns it now instead of at its deadline.
+            let ids: Vec<CorrelationId> = map.iter().map(|e| *e.key()).collect();
+            for id in ids {
+                if let Some((_, w)) = map.remove(&id) {
+                    w.sink.deliver(id, Err(Error::closed(adapter)));
+                }
+            }
         });
         Ok(Arc::new(Correlator {
             address: inbox.address,
@@ -127,16 +136,18 @@ impl Correlator {
     }
 
     /// Registers a waiter for `msg`, then publishes it as a request with this client's inbox
-    /// as `reply_to`. The returned guard removes the waiter when dropped.
+    /// as `reply_to`. If publishing fails (or this future is dropped first) the waiter is
+    /// removed again; otherwise the caller owns it and must see it removed (a
+    /// [`WaiterGuard`], or [`Correlator::cancel`]).
     pub(crate) async fn submit(
-        self: &Arc<Self>,
+        &self,
         transport: &dyn Transport,
         pattern: &str,
         mut msg: Envelope,
         deadline: Instant,
         timeout_ms: u128,
         sink: Sink,
-    ) -> Result<(CorrelationId, WaiterGuard)> {
+    ) -> Result<CorrelationId> {
         let id = CorrelationId::new();
         msg.correlation_id = Some(id);
         msg.reply_to = Some(self.address.clone());
@@ -148,12 +159,20 @@ impl Correlator {
                 sink,
             },
         );
-        let guard = WaiterGuard {
+        let unregister = OnDrop(Some(|| {
+            self.pending.remove(&id);
+        }));
+        transport.publish(Route::Request(pattern), msg).await?;
+        unregister.disarm();
+        Ok(id)
+    }
+
+    /// A guard that removes the waiter `id` when dropped.
+    pub(crate) fn guard(self: &Arc<Self>, id: CorrelationId) -> WaiterGuard {
+        WaiterGuard {
             correlator: self.clone(),
             id,
-        };
-        transport.publish(Route::Request(pattern), msg).await?;
-        Ok((id, guard))
+        }
     }
 
     /// Sends a request and waits for its reply until `deadline`.
@@ -166,7 +185,7 @@ impl Correlator {
         timeout_ms: u128,
     ) -> Result<Envelope> {
         let (tx, rx) = oneshot::channel();
-        let (_id, _guard) = self
+        let id = self
             .submit(
                 transport,
                 pattern,
@@ -176,6 +195,7 @@ impl Correlator {
                 Sink::Once(tx),
             )
             .await?;
+        let _guard = self.guard(id);
         await_reply(rx, deadline, timeout_ms, self.adapter).await
     }
 
@@ -191,6 +211,23 @@ impl Correlator {
 
     pub(crate) fn adapter(&self) -> &'static str {
         self.adapter
+    }
+}
+
+/// Runs its closure when dropped, unless disarmed.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnDrop<F> {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::client::{CallOptions, Client, validate_pattern};
 use crate::codec::Body;
 use crate::envelope::{Envelope, ReplyError, header};
-use crate::error::{Error, HandlerError, Result};
+use crate::error::{Error, ErrorKind, HandlerError, Result};
 use crate::stats::Counters;
 use crate::transport::{Acker, Delivery, Route, SubscribeOptions, Subscription};
 
@@ -471,7 +471,10 @@ async fn consume(worker: Arc<Worker>, mut sub: Subscription, control: ServiceCon
             _ = control.cancel.cancelled() => break,
             d = sub.next() => match d {
                 Some(d) => d,
-                None => break,
+                None => {
+                    tracing::warn!(pattern = %worker.pattern, "subscription ended by the transport; handler stopped");
+                    break;
+                }
             },
         };
         let w = worker.clone();
@@ -568,13 +571,21 @@ impl Worker {
                 r
             }
         };
-        if let Err(e) = self
-            .client
-            .transport()
-            .publish(Route::Reply(to), reply)
-            .await
-        {
-            tracing::warn!(pattern = %self.pattern, error = %e, "could not send a reply");
+        let transport = self.client.transport();
+        match transport.publish(Route::Reply(to), reply).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::PayloadTooLarge => {
+                // Tell the caller at once rather than let it time out.
+                let mut r = Envelope::reply_to(req, Bytes::new());
+                r.error = Some(ReplyError {
+                    code: ErrorKind::PayloadTooLarge.as_str().to_owned(),
+                    message: format!("the reply is too large: {}", e.message()),
+                });
+                if let Err(e) = transport.publish(Route::Reply(to), r).await {
+                    tracing::warn!(pattern = %self.pattern, error = %e, "could not send a reply");
+                }
+            }
+            Err(e) => tracing::warn!(pattern = %self.pattern, error = %e, "could not send a reply"),
         }
     }
 
