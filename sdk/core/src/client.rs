@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
 use url::Url;
 
-use crate::codec::Body;
+use crate::codec::{Decode, Encode};
 use crate::correlator::{Correlator, Sink, WaiterGuard, await_reply};
 use crate::envelope::{CorrelationId, Envelope, header};
 use crate::error::{Error, ErrorKind, Result};
@@ -264,7 +264,7 @@ impl Client {
 
     /// Builds the envelope for a call: validates the pattern, encodes the body, applies the
     /// options, checks the size.
-    pub(crate) fn envelope<T: Body>(
+    pub(crate) fn envelope<T: Encode + ?Sized>(
         &self,
         pattern: &str,
         body: &T,
@@ -340,7 +340,11 @@ impl Client {
     /// transport can tell); `Handler` with the responder's code if its handler failed; `Codec`
     /// if the request or reply does not encode or decode; `PayloadTooLarge`; `InvalidConfig`
     /// for a malformed pattern; transport errors.
-    pub async fn send<Req: Body, Resp: Body>(&self, pattern: &str, req: &Req) -> Result<Resp> {
+    pub async fn send<Req, Resp>(&self, pattern: &str, req: &Req) -> Result<Resp>
+    where
+        Req: Encode + Sync + ?Sized,
+        Resp: Decode,
+    {
         self.send_with(pattern, req, &CallOptions::default()).await
     }
 
@@ -348,12 +352,16 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::send`].
-    pub async fn send_with<Req: Body, Resp: Body>(
+    pub async fn send_with<Req, Resp>(
         &self,
         pattern: &str,
         req: &Req,
         opts: &CallOptions,
-    ) -> Result<Resp> {
+    ) -> Result<Resp>
+    where
+        Req: Encode + Sync + ?Sized,
+        Resp: Decode,
+    {
         let mut env = self.envelope(pattern, req, opts)?;
         let (deadline, wall, timeout) = self.deadline(opts);
         env.deadline = Some(wall);
@@ -382,7 +390,7 @@ impl Client {
     /// # Errors
     /// `Codec`, `PayloadTooLarge`, `InvalidConfig` for a malformed pattern, transport errors
     /// (`Connection`, `Rejected`, `Closed`).
-    pub async fn emit<E: Body>(&self, pattern: &str, event: &E) -> Result<()> {
+    pub async fn emit<E: Encode + Sync + ?Sized>(&self, pattern: &str, event: &E) -> Result<()> {
         self.emit_with(pattern, event, &CallOptions::default())
             .await
     }
@@ -392,7 +400,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::emit`].
-    pub async fn emit_with<E: Body>(
+    pub async fn emit_with<E: Encode + Sync + ?Sized>(
         &self,
         pattern: &str,
         event: &E,
@@ -418,11 +426,11 @@ impl Client {
     /// # Errors
     /// Those of [`Client::send`] that happen before the reply: encoding, size, pattern,
     /// `NoResponder` where detectable, transport errors.
-    pub async fn request<Req: Body, Resp: Body>(
-        &self,
-        pattern: &str,
-        req: &Req,
-    ) -> Result<PendingReply<Resp>> {
+    pub async fn request<Req, Resp>(&self, pattern: &str, req: &Req) -> Result<PendingReply<Resp>>
+    where
+        Req: Encode + Sync + ?Sized,
+        Resp: Decode,
+    {
         self.request_with(pattern, req, &CallOptions::default())
             .await
     }
@@ -431,12 +439,16 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::request`].
-    pub async fn request_with<Req: Body, Resp: Body>(
+    pub async fn request_with<Req, Resp>(
         &self,
         pattern: &str,
         req: &Req,
         opts: &CallOptions,
-    ) -> Result<PendingReply<Resp>> {
+    ) -> Result<PendingReply<Resp>>
+    where
+        Req: Encode + Sync + ?Sized,
+        Resp: Decode,
+    {
         let mut env = self.envelope(pattern, req, opts)?;
         let (deadline, wall, timeout) = self.deadline(opts);
         env.deadline = Some(wall);
@@ -471,7 +483,7 @@ impl Client {
     ///
     /// # Errors
     /// Transport errors opening the client's reply channel.
-    pub async fn reply_stream<Resp: Body>(&self) -> Result<ReplyStream<Resp>> {
+    pub async fn reply_stream<Resp: Decode>(&self) -> Result<ReplyStream<Resp>> {
         let correlator = self.correlator().await?.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(ReplyStream {
@@ -532,7 +544,7 @@ impl Client {
     }
 }
 
-fn decode_reply<Resp: Body>(reply: Envelope, adapter: &'static str) -> Result<Resp> {
+fn decode_reply<Resp: Decode>(reply: Envelope, adapter: &'static str) -> Result<Resp> {
     if let Some(e) = reply.error {
         let kind = match e.code.as_str() {
             "codec" => ErrorKind::Codec,
@@ -564,7 +576,7 @@ impl<Resp> fmt::Debug for PendingReply<Resp> {
     }
 }
 
-impl<Resp: Body> PendingReply<Resp> {
+impl<Resp: Decode> PendingReply<Resp> {
     /// The correlation id the reply will carry.
     pub fn correlation_id(&self) -> CorrelationId {
         self.id
@@ -594,7 +606,7 @@ impl<Resp: Body> PendingReply<Resp> {
     }
 }
 
-impl<Resp: Body> IntoFuture for PendingReply<Resp> {
+impl<Resp: Decode> IntoFuture for PendingReply<Resp> {
     type Output = Result<Resp>;
     type IntoFuture = Pin<Box<dyn Future<Output = Result<Resp>> + Send>>;
 
@@ -624,13 +636,17 @@ impl<Resp> fmt::Debug for ReplyStream<Resp> {
     }
 }
 
-impl<Resp: Body> ReplyStream<Resp> {
+impl<Resp: Decode> ReplyStream<Resp> {
     /// Sends a request whose reply this stream will yield; returns its correlation id once the
     /// transport accepted it.
     ///
     /// # Errors
     /// As [`Client::request`].
-    pub async fn request<Req: Body>(&mut self, pattern: &str, req: &Req) -> Result<CorrelationId> {
+    pub async fn request<Req: Encode + Sync + ?Sized>(
+        &mut self,
+        pattern: &str,
+        req: &Req,
+    ) -> Result<CorrelationId> {
         self.request_with(pattern, req, &CallOptions::default())
             .await
     }
@@ -639,7 +655,7 @@ impl<Resp: Body> ReplyStream<Resp> {
     ///
     /// # Errors
     /// As [`Client::request`].
-    pub async fn request_with<Req: Body>(
+    pub async fn request_with<Req: Encode + Sync + ?Sized>(
         &mut self,
         pattern: &str,
         req: &Req,
@@ -673,7 +689,7 @@ impl<Resp: Body> ReplyStream<Resp> {
     }
 }
 
-impl<Resp: Body> Stream for ReplyStream<Resp> {
+impl<Resp: Decode> Stream for ReplyStream<Resp> {
     type Item = (CorrelationId, Result<Resp>);
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {

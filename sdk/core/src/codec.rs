@@ -1,7 +1,7 @@
 //! Payload codecs, chosen by content type: JSON (serde, the default), protobuf (prost) and raw
 //! bytes.
 //!
-//! Any `serde` type is a [`Body`] encoded as JSON. Wrap a prost message in [`Proto`] to send it
+//! Any `serde` type is encoded as JSON ([`Encode`], [`Decode`]). Wrap a prost message in [`Proto`] to send it
 //! as protobuf, or bytes in [`Raw`] to pass them through untouched. On receipt, the envelope's
 //! content type picks the codec: a body whose codec does not match the content type is a
 //! [`crate::ErrorKind::Codec`] error naming both.
@@ -13,14 +13,17 @@ use serde::de::DeserializeOwned;
 use crate::envelope::content_type;
 use crate::error::{Error, Result};
 
-/// A value that can travel as a message payload.
-pub trait Body: Sized + Send + 'static {
+/// A value that can be sent as a message payload.
+pub trait Encode {
     /// Encodes the value; returns the payload and its content type.
     ///
     /// # Errors
     /// [`crate::ErrorKind::Codec`] if the value cannot be encoded.
     fn encode(&self) -> Result<(Bytes, &'static str)>;
+}
 
+/// A value that can be read from a message payload.
+pub trait Decode: Sized + Send + 'static {
     /// Decodes a payload whose content type is `content_type` (`None`: unknown).
     ///
     /// # Errors
@@ -28,6 +31,11 @@ pub trait Body: Sized + Send + 'static {
     /// not decode.
     fn decode(content_type: Option<&str>, payload: Bytes) -> Result<Self>;
 }
+
+/// A value that travels both ways (both [`Encode`] and [`Decode`]).
+pub trait Body: Encode + Decode {}
+
+impl<T: Encode + Decode> Body for T {}
 
 /// The media type without parameters, lower-cased (`Application/JSON; charset=utf-8` →
 /// `application/json`).
@@ -69,13 +77,15 @@ fn mismatch(expected: &str, got: Option<&str>) -> Error {
     )
 }
 
-impl<T: Serialize + DeserializeOwned + Send + 'static> Body for T {
+impl<T: Serialize + ?Sized> Encode for T {
     fn encode(&self) -> Result<(Bytes, &'static str)> {
         let v = serde_json::to_vec(self)
             .map_err(|e| Error::codec("core", format!("cannot encode JSON: {e}")).with_source(e))?;
         Ok((Bytes::from(v), content_type::JSON))
     }
+}
 
+impl<T: DeserializeOwned + Send + 'static> Decode for T {
     fn decode(ct: Option<&str>, payload: Bytes) -> Result<Self> {
         if !is_json(ct) {
             return Err(mismatch(content_type::JSON, ct));
@@ -97,11 +107,13 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Body for T {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Proto<M>(pub M);
 
-impl<M: prost::Message + Default + 'static> Body for Proto<M> {
+impl<M: prost::Message> Encode for Proto<M> {
     fn encode(&self) -> Result<(Bytes, &'static str)> {
         Ok((Bytes::from(self.0.encode_to_vec()), content_type::PROTOBUF))
     }
+}
 
+impl<M: prost::Message + Default + 'static> Decode for Proto<M> {
     fn decode(ct: Option<&str>, payload: Bytes) -> Result<Self> {
         if !is_protobuf(ct) {
             return Err(mismatch(content_type::PROTOBUF, ct));
@@ -124,11 +136,13 @@ impl<M: prost::Message + Default + 'static> Body for Proto<M> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Raw(pub Bytes);
 
-impl Body for Raw {
+impl Encode for Raw {
     fn encode(&self) -> Result<(Bytes, &'static str)> {
         Ok((self.0.clone(), content_type::BYTES))
     }
+}
 
+impl Decode for Raw {
     fn decode(_ct: Option<&str>, payload: Bytes) -> Result<Self> {
         Ok(Raw(payload))
     }

@@ -1,7 +1,7 @@
 //! # switchboard-core
 //!
 //! The contract of switchboard, with no broker dependency: the [`Envelope`] and its wire
-//! headers, [`Error`]s classified by what the caller can do, payload codecs ([`Body`]: JSON by
+//! headers, [`Error`]s classified by what the caller can do, payload codecs ([`Encode`], [`Decode`]: JSON by
 //! default, [`Proto`] for protobuf, [`Raw`] bytes), the service-facing [`Client`] (`send`,
 //! `emit`, `request`, handlers), the adapter SPI ([`transport`]) with the request-reply
 //! correlator for transports without native request-reply, and the in-memory transport
@@ -12,7 +12,7 @@
 //!
 //! ## Layout
 //! - [`envelope`]: `Envelope`, ids, reserved header names (`docs/wire.md`).
-//! - [`codec`]: `Body`, `Proto`, `Raw`.
+//! - [`codec`]: `Encode`, `Decode`, `Proto`, `Raw`.
 //! - [`client`]: `Client`, `CallOptions`, `PendingReply`, `ReplyStream`.
 //! - [`serve`]: handlers (`Client::handle`, `Client::on_event`), `Context`, `Service`.
 //! - [`transport`]: the SPI adapters implement (`Publisher`, `Subscriber`, `Requester`).
@@ -46,7 +46,7 @@ mod stats;
 pub mod transport;
 
 pub use client::{CallOptions, Client, ClientConfig, PendingReply, ReplyStream, validate_pattern};
-pub use codec::{Body, Proto, Raw};
+pub use codec::{Body, Decode, Encode, Proto, Raw};
 pub use envelope::{CorrelationId, Envelope, MessageId, ReplyError, content_type, header};
 pub use error::{BoxError, Error, ErrorKind, HandlerError, Result};
 pub use serve::{Backoff, Context, HandlerOptions, Service};

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::{CallOptions, Client, validate_pattern};
-use crate::codec::Body;
+use crate::codec::{Decode, Encode};
 use crate::envelope::{Envelope, ReplyError, header};
 use crate::error::{Error, ErrorKind, HandlerError, Result};
 use crate::stats::Counters;
@@ -127,7 +127,7 @@ impl HandlerOptions {
 /// travel on).
 #[derive(Debug, Clone)]
 pub struct Context {
-    envelope: Envelope,
+    envelope: Arc<Envelope>,
     attempt: u32,
     client: Client,
 }
@@ -158,7 +158,11 @@ impl Context {
     ///
     /// # Errors
     /// As [`Client::send`].
-    pub async fn send<Req: Body, Resp: Body>(&self, pattern: &str, req: &Req) -> Result<Resp> {
+    pub async fn send<Req, Resp>(&self, pattern: &str, req: &Req) -> Result<Resp>
+    where
+        Req: Encode + Sync + ?Sized,
+        Resp: Decode,
+    {
         self.client.send_with(pattern, req, &self.options()).await
     }
 
@@ -166,7 +170,7 @@ impl Context {
     ///
     /// # Errors
     /// As [`Client::emit`].
-    pub async fn emit<E: Body>(&self, pattern: &str, event: &E) -> Result<()> {
+    pub async fn emit<E: Encode + Sync + ?Sized>(&self, pattern: &str, event: &E) -> Result<()> {
         self.client.emit_with(pattern, event, &self.options()).await
     }
 }
@@ -279,8 +283,8 @@ impl Client {
     /// `InvalidConfig` for a malformed pattern; transport errors while subscribing.
     pub async fn handle<Req, Resp, F, Fut>(&self, pattern: &str, handler: F) -> Result<Service>
     where
-        Req: Body,
-        Resp: Body,
+        Req: Decode,
+        Resp: Encode + Send + 'static,
         F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<Resp, HandlerError>> + Send + 'static,
     {
@@ -299,8 +303,8 @@ impl Client {
         handler: F,
     ) -> Result<Service>
     where
-        Req: Body,
-        Resp: Body,
+        Req: Decode,
+        Resp: Encode + Send + 'static,
         F: Fn(Req, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<Resp, HandlerError>> + Send + 'static,
     {
@@ -331,7 +335,7 @@ impl Client {
         handler: F,
     ) -> Result<Service>
     where
-        E: Body,
+        E: Decode,
         F: Fn(E, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
@@ -351,7 +355,7 @@ impl Client {
         handler: F,
     ) -> Result<Service>
     where
-        E: Body,
+        E: Decode,
         F: Fn(E, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
@@ -420,8 +424,8 @@ impl Client {
 
 fn erase<In, Out, F, Fut>(handler: F) -> Arc<ErasedHandler>
 where
-    In: Body,
-    Out: Body,
+    In: Decode,
+    Out: Encode + Send + 'static,
     F: Fn(In, Context) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = std::result::Result<Out, HandlerError>> + Send + 'static,
 {
@@ -515,6 +519,9 @@ impl Worker {
             settle(acker.ack().await);
             return;
         }
+        // Shared with the handler's context rather than copied; back to one owner once the
+        // handler is done, for the rare dead letter that needs it owned.
+        let env = Arc::new(env);
         let ctx = Context {
             envelope: env.clone(),
             attempt,
@@ -522,6 +529,7 @@ impl Worker {
         };
         // The handler runs in this task, its panics caught by `erase`.
         let outcome = (self.handler)(ctx).await;
+        let owned = |env: Arc<Envelope>| Arc::try_unwrap(env).unwrap_or_else(|e| (*e).clone());
         match (self.kind, outcome) {
             (_, Ok(out)) => {
                 Counters::inc(&self.counters().handled);
@@ -537,7 +545,8 @@ impl Worker {
             }
             (Kind::Event, Err(f @ Failure::Codec(_))) => {
                 Counters::inc(&self.counters().failed);
-                self.dead_letter(env, attempt, &f.reason(), acker).await;
+                self.dead_letter(owned(env), attempt, &f.reason(), acker)
+                    .await;
             }
             (Kind::Event, Err(f)) => {
                 Counters::inc(&self.counters().failed);
@@ -548,7 +557,7 @@ impl Worker {
                     Counters::inc(&self.counters().retried);
                     settle(acker.nack(self.opts.backoff.delay(attempt)).await);
                 } else {
-                    self.dead_letter(env, attempt, &reason, acker).await;
+                    self.dead_letter(owned(env), attempt, &reason, acker).await;
                 }
             }
         }
