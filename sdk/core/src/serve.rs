@@ -1,9 +1,9 @@
 //! The service side: handlers for request patterns and for event patterns, written once over
 //! the transport SPI.
 //!
-//! One consumer loop per handler takes a delivery only when it has a free slot (bounded
-//! concurrency), runs the handler in its own task with panics caught, and settles the delivery
-//! by the outcome: ack on success; for events, nack with backoff until the attempts run out,
+//! One consumer task per handler takes a delivery only when it has a free slot (bounded
+//! concurrency), runs the handlers in hand concurrently inside that task with panics caught (no
+//! task spawned per message), and settles each delivery by the outcome: ack on success; for events, nack with backoff until the attempts run out,
 //! then the dead-letter destination with the reason. Requests whose deadline has passed are
 //! dropped before their handler runs. Shutdown stops taking deliveries and waits for those in
 //! hand; nothing unfinished is acknowledged.
@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -80,6 +80,9 @@ impl Backoff {
 #[derive(Debug, Clone)]
 pub struct HandlerOptions {
     /// Deliveries handled at once by this handler (also the transport prefetch). Default 32.
+    ///
+    /// They run concurrently inside one task, which suits handlers that wait on I/O; a handler
+    /// with CPU-heavy work should move it to `tokio::task::spawn_blocking` or its own task.
     pub concurrency: usize,
     /// Attempts per event before it is dead-lettered (first delivery included). Default 5.
     pub max_attempts: u32,
@@ -460,35 +463,31 @@ struct Worker {
 }
 
 async fn consume(worker: Arc<Worker>, mut sub: Subscription, control: ServiceControl) {
-    let slots = Arc::new(Semaphore::new(worker.opts.concurrency));
+    // The deliveries in hand run concurrently inside this one task: no task spawned and no
+    // cross-task wake-up per message. A handler with CPU-heavy work can spawn its own.
+    let mut running = FuturesUnordered::new();
+    let limit = worker.opts.concurrency;
+    let mut taking = true;
     loop {
-        let slot = tokio::select! {
+        tokio::select! {
             biased;
-            _ = control.cancel.cancelled() => break,
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => break,
-            },
-        };
-        let delivery = tokio::select! {
-            biased;
-            _ = control.cancel.cancelled() => break,
-            d = sub.next() => match d {
-                Some(d) => d,
+            _ = control.cancel.cancelled(), if taking => taking = false,
+            Some(()) = running.next(), if !running.is_empty() => {}
+            d = sub.next(), if taking && running.len() < limit => match d {
+                Some(d) => running.push(worker.process(d)),
                 None => {
-                    tracing::warn!(pattern = %worker.pattern, "subscription ended by the transport; handler stopped");
-                    break;
+                    if !control.cancel.is_cancelled() {
+                        tracing::warn!(pattern = %worker.pattern, "subscription ended by the transport; handler stopped");
+                    }
+                    taking = false;
                 }
             },
-        };
-        let w = worker.clone();
-        let in_flight = control.in_flight.clone();
-        in_flight.fetch_add(1, Ordering::AcqRel);
-        control.tracker.spawn(async move {
-            w.process(delivery).await;
-            in_flight.fetch_sub(1, Ordering::AcqRel);
-            drop(slot);
-        });
+            else => {}
+        }
+        control.in_flight.store(running.len(), Ordering::Release);
+        if !taking && running.is_empty() {
+            break;
+        }
     }
 }
 

@@ -43,6 +43,9 @@ struct Args {
     /// Scale every workload's message count by this factor (for quick checks).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
+    /// Measure only one side (for profiling): `switchboard` or `raw`. The ratio table needs both.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// The payload of every workload.
@@ -414,12 +417,29 @@ fn main() {
         for run in 0..args.runs {
             let url = format!("memory://bench-{run}");
             // Interleave, alternating which side goes first.
+            let (sb, raw) = match args.only.as_deref() {
+                None => (true, true),
+                Some("switchboard") => (true, false),
+                Some("raw") => (false, true),
+                Some(other) => {
+                    eprintln!("--only takes `switchboard` or `raw`, not `{other}`");
+                    std::process::exit(2);
+                }
+            };
             if run % 2 == 0 {
-                sb_runs.push(sb_run(&url, &counts).await);
-                raw_runs.push(raw_memory_run(&counts).await);
+                if sb {
+                    sb_runs.push(sb_run(&url, &counts).await);
+                }
+                if raw {
+                    raw_runs.push(raw_memory_run(&counts).await);
+                }
             } else {
-                raw_runs.push(raw_memory_run(&counts).await);
-                sb_runs.push(sb_run(&url, &counts).await);
+                if raw {
+                    raw_runs.push(raw_memory_run(&counts).await);
+                }
+                if sb {
+                    sb_runs.push(sb_run(&url, &counts).await);
+                }
             }
             eprintln!("run {}/{} done", run + 1, args.runs);
         }
