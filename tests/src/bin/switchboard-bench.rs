@@ -1,11 +1,11 @@
-//! The benchmark program for the workloads of docs/benchmarks.md, switchboard beside the raw
+//! The benchmark program for the workloads in docs/benchmarks.md, switchboard beside the raw
 //! client of the same transport in the same run, interleaved, reported as ratios.
 //!
-//! Run (release build; numbers from a debug build mean nothing):
+//! Run (an optimised build; numbers from a debug build mean nothing):
 //!
 //! ```text
-//! cargo run --release -p switchboard-conformance --bin switchboard-bench -- \
-//!     --transport memory --runs 5 --out bench-memory.jsonl
+//! cargo run --profile bench-release -p switchboard-conformance --bin switchboard-bench -- \
+//!     --transport memory --runs 7 --out bench-memory.jsonl
 //! ```
 //!
 //! Output: one JSON object per line and figure (median over runs, with min and max), with
