@@ -908,7 +908,7 @@ pub async fn correlation_causation_and_trace_headers_round_trip(h: Harness) -> O
 /// leaves the rest for the next member: every event is handled, none twice.
 pub async fn graceful_shutdown_loses_nothing(h: Harness) -> Outcome {
     let p = h.pattern("drain");
-    let n = 40usize;
+    let n = 60usize;
     let started: Arc<Mutex<Vec<u64>>> = Arc::default();
     let finished: Arc<Mutex<Vec<u64>>> = Arc::default();
     let handler = {
@@ -918,7 +918,7 @@ pub async fn graceful_shutdown_loses_nothing(h: Harness) -> Outcome {
             async move {
                 st.lock().expect("lock").push(e.id);
                 // Work that takes a while, so shutdown finds handlers mid-way.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(30)).await;
                 fi.lock().expect("lock").push(e.id);
                 Ok(())
             }
