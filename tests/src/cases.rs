@@ -54,6 +54,33 @@ async fn echo_server(h: &Harness, pattern: &str) -> Client {
     server
 }
 
+/// Registers on `server` an echo handler for `pattern` that first waits for a permit of `gate`
+/// when `gated(request)` holds: one permit per request; a closed gate lets everything through.
+async fn gated_echo(
+    server: &Client,
+    pattern: &str,
+    gate: &Arc<Semaphore>,
+    gated: fn(&Item) -> bool,
+) {
+    let g = gate.clone();
+    within(
+        "register gated handler",
+        server.handle(pattern, move |req: Item, _ctx| {
+            let g = g.clone();
+            async move {
+                if gated(&req)
+                    && let Ok(permit) = g.acquire().await
+                {
+                    permit.forget();
+                }
+                Ok::<_, HandlerError>(req)
+            }
+        }),
+    )
+    .await
+    .expect("handler registers");
+}
+
 async fn next_dead_letter(sub: &mut Subscription) -> Envelope {
     let d = within("a dead letter", sub.next())
         .await
@@ -163,19 +190,7 @@ pub async fn send_times_out_at_its_deadline(h: Harness) -> Outcome {
     let p = h.pattern("slow");
     let gate = Arc::new(Semaphore::new(0));
     let server = h.client().await;
-    let g = gate.clone();
-    within(
-        "register",
-        server.handle(&p, move |req: Item, _ctx| {
-            let g = g.clone();
-            async move {
-                let _ = g.acquire().await;
-                Ok::<_, HandlerError>(req)
-            }
-        }),
-    )
-    .await
-    .expect("registers");
+    gated_echo(&server, &p, &gate, |_| true).await;
     let client = h.client().await;
     let timeout = Duration::from_millis(300);
     let started = std::time::Instant::now();
@@ -397,19 +412,7 @@ pub async fn reply_stream_yields_every_reply_and_timeout(h: Harness) -> Outcome 
     let slow = h.pattern("stream-slow");
     let server = echo_server(&h, &p).await;
     let gate = Arc::new(Semaphore::new(0));
-    let g = gate.clone();
-    within(
-        "register slow",
-        server.handle(&slow, move |req: Item, _ctx| {
-            let g = g.clone();
-            async move {
-                let _ = g.acquire().await;
-                Ok::<_, HandlerError>(req)
-            }
-        }),
-    )
-    .await
-    .expect("registers");
+    gated_echo(&server, &slow, &gate, |_| true).await;
     let client = h.client().await;
     let mut stream = within("open stream", client.reply_stream::<Item>())
         .await
@@ -490,24 +493,7 @@ pub async fn late_reply_is_dropped_and_counted(h: Harness) -> Outcome {
     let p = h.pattern("late");
     let gate = Arc::new(Semaphore::new(0));
     let server = h.client().await;
-    let g = gate.clone();
-    within(
-        "register",
-        server.handle(&p, move |req: Item, _ctx| {
-            let g = g.clone();
-            async move {
-                if req.id == 1 {
-                    // One permit per late request.
-                    if let Ok(permit) = g.acquire().await {
-                        permit.forget();
-                    }
-                }
-                Ok::<_, HandlerError>(req)
-            }
-        }),
-    )
-    .await
-    .expect("registers");
+    gated_echo(&server, &p, &gate, |req| req.id == 1).await;
     let client = h.client().await;
     let err = within(
         "send 1",
@@ -1150,19 +1136,7 @@ pub async fn requests_waiting_at_shutdown_fail_with_closed(h: Harness) -> Outcom
     let p = h.pattern("closing");
     let gate = Arc::new(Semaphore::new(0));
     let server = h.client().await;
-    let g = gate.clone();
-    within(
-        "register",
-        server.handle(&p, move |req: Item, _ctx| {
-            let g = g.clone();
-            async move {
-                let _ = g.acquire().await;
-                Ok::<_, HandlerError>(req)
-            }
-        }),
-    )
-    .await
-    .expect("registers");
+    gated_echo(&server, &p, &gate, |_| true).await;
     let client = h.client().await;
     let opts = CallOptions::new().timeout(Duration::from_secs(30));
     let pending = within(
