@@ -329,9 +329,25 @@ impl Client {
     /// Sends a request to `pattern` and waits for the reply, bounded by the client's default
     /// timeout (which travels with the request as its deadline).
     ///
-    /// ```no_run
-    /// # async fn demo(client: switchboard_core::Client) -> switchboard_core::Result<()> {
-    /// let user: serde_json::Value = client.send("users.get", &serde_json::json!({"id": 1})).await?;
+    /// ```
+    /// # use switchboard_core::{Client, ClientConfig, HandlerError, memory::*};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> switchboard_core::Result<()> {
+    /// # let bus = MemoryConfig::default().bus("doc-send");
+    /// # let service = Client::new(MemoryTransport::connect(bus.clone()), ClientConfig::default());
+    /// # let client = Client::new(MemoryTransport::connect(bus), ClientConfig::default());
+    /// service
+    ///     .handle("users.get", |id: u64, _ctx| async move {
+    ///         if id == 0 {
+    ///             return Err(HandlerError::new("not_found", "no user 0"));
+    ///         }
+    ///         Ok(format!("user-{id}"))
+    ///     })
+    ///     .await?;
+    /// let name: String = client.send("users.get", &7u64).await?;
+    /// assert_eq!(name, "user-7");
+    /// let err = client.send::<_, String>("users.get", &0u64).await.unwrap_err();
+    /// assert_eq!((err.kind(), err.code()), (switchboard_core::ErrorKind::Handler, "not_found"));
     /// # Ok(()) }
     /// ```
     ///
@@ -387,6 +403,25 @@ impl Client {
     /// Emits an event to `pattern`: every consumer group subscribed gets it, one member per
     /// group. Returns once the transport accepted it.
     ///
+    /// ```
+    /// # use switchboard_core::{Client, ClientConfig, HandlerError, memory::*};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> switchboard_core::Result<()> {
+    /// # let bus = MemoryConfig::default().bus("doc-emit");
+    /// # let service = Client::new(MemoryTransport::connect(bus.clone()), ClientConfig::default());
+    /// # let client = Client::new(MemoryTransport::connect(bus), ClientConfig::default());
+    /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// service
+    ///     .on_event("orders.placed", "billing", move |order: u64, _ctx| {
+    ///         let tx = tx.clone();
+    ///         async move { tx.send(order).map_err(|_| HandlerError::new("gone", "receiver dropped")) }
+    ///     })
+    ///     .await?;
+    /// client.emit("orders.placed", &42u64).await?;
+    /// assert_eq!(rx.recv().await, Some(42));
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// `Codec`, `PayloadTooLarge`, `InvalidConfig` for a malformed pattern, transport errors
     /// (`Connection`, `Rejected`, `Closed`).
@@ -422,6 +457,22 @@ impl Client {
     /// carries the correlation id. Await the handle now or later; the reply is matched on this
     /// client's one reply channel. A reply that arrives after the deadline is dropped and
     /// counted in [`Stats::late_replies`]. Dropping the handle abandons the request.
+    ///
+    /// ```
+    /// # use switchboard_core::{Client, ClientConfig, HandlerError, memory::*};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> switchboard_core::Result<()> {
+    /// # let bus = MemoryConfig::default().bus("doc-request");
+    /// # let service = Client::new(MemoryTransport::connect(bus.clone()), ClientConfig::default());
+    /// # let client = Client::new(MemoryTransport::connect(bus), ClientConfig::default());
+    /// service
+    ///     .handle("math.square", |n: u64, _ctx| async move { Ok::<_, HandlerError>(n * n) })
+    ///     .await?;
+    /// let pending = client.request::<_, u64>("math.square", &12u64).await?;
+    /// println!("waiting for {}", pending.correlation_id());
+    /// assert_eq!(pending.await?, 144);
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// Those of [`Client::send`] that happen before the reply: encoding, size, pattern,
@@ -480,6 +531,29 @@ impl Client {
     /// A stream that yields the replies of the requests made through it, in the order they
     /// arrive, each with its correlation id: for callers with thousands of requests in flight
     /// who would rather not hold a handle per request.
+    ///
+    /// ```
+    /// # use switchboard_core::{Client, ClientConfig, HandlerError, memory::*};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> switchboard_core::Result<()> {
+    /// # let bus = MemoryConfig::default().bus("doc-reply-stream");
+    /// # let service = Client::new(MemoryTransport::connect(bus.clone()), ClientConfig::default());
+    /// # let client = Client::new(MemoryTransport::connect(bus), ClientConfig::default());
+    /// use futures::StreamExt;
+    /// service
+    ///     .handle("math.square", |n: u64, _ctx| async move { Ok::<_, HandlerError>(n * n) })
+    ///     .await?;
+    /// let mut replies = client.reply_stream::<u64>().await?;
+    /// for n in 0..100u64 {
+    ///     replies.request("math.square", &n).await?;
+    /// }
+    /// let mut total = 0;
+    /// while let Some((_correlation_id, reply)) = replies.next().await {
+    ///     total += reply?;
+    /// }
+    /// assert_eq!(total, (0..100u64).map(|n| n * n).sum::<u64>());
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// Transport errors opening the client's reply channel.
