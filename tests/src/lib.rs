@@ -16,6 +16,7 @@ use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use switchboard::{Capabilities, Client, Result};
 
@@ -35,6 +36,11 @@ pub enum Outcome {
 
 type Connect = dyn Fn() -> BoxFuture<'static, Result<Client>> + Send + Sync;
 
+/// Publishes an event the way a producer without the SDK would: the transport's native client,
+/// string headers of its choosing, raw payload bytes.
+pub type ForeignProducer =
+    dyn Fn(String, Vec<(String, String)>, Bytes) -> BoxFuture<'static, Result<()>> + Send + Sync;
+
 /// What a case needs from a transport: fresh clients on the same transport, unique names, the
 /// declared capabilities, and how much load the transport can take.
 #[derive(Clone)]
@@ -43,6 +49,7 @@ pub struct Harness {
     connect: Arc<Connect>,
     caps: Capabilities,
     load_scale: f64,
+    foreign: Option<Arc<ForeignProducer>>,
 }
 
 impl std::fmt::Debug for Harness {
@@ -74,7 +81,34 @@ impl Harness {
             connect,
             caps,
             load_scale: 1.0,
+            foreign: None,
         }
+    }
+
+    /// Gives the cases a way to publish as a foreign (non-SDK) producer would: `f(pattern,
+    /// headers, payload)` with the transport's own client.
+    pub fn foreign_producer<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(String, Vec<(String, String)>, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        self.foreign = Some(Arc::new(move |p, h, b| Box::pin(f(p, h, b))));
+        self
+    }
+
+    /// Publishes as a foreign producer, if the harness can.
+    pub async fn publish_foreign(
+        &self,
+        pattern: &str,
+        headers: &[(&str, &str)],
+        payload: Bytes,
+    ) -> Option<Result<()>> {
+        let f = self.foreign.as_ref()?;
+        let headers = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Some(within("foreign publish", f(pattern.to_owned(), headers, payload)).await)
     }
 
     /// Scales the load cases (10,000 concurrent requests, ...) by `factor`, for emulators that
@@ -190,6 +224,7 @@ macro_rules! conformance_suite {
             event_without_sdk_metadata_is_delivered_as_is,
             bad_input_is_a_typed_error,
             requests_waiting_at_shutdown_fail_with_closed,
+            malformed_foreign_message_is_dead_lettered_with_reason,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -1,14 +1,29 @@
 //! The conformance suite on the in-memory transport: each test gets a bus of its own.
 
+use switchboard::memory::{MemoryConfig, MemoryTransport};
 use switchboard_conformance::{Harness, conformance_suite};
 
 async fn harness() -> Harness {
-    let url = format!("memory://conformance-{}", uuid::Uuid::new_v4().simple());
+    let bus = format!("conformance-{}", uuid::Uuid::new_v4().simple());
+    let url = format!("memory://{bus}");
+    // A foreign producer: a bare transport on the same bus, publishing headers and bytes.
+    let foreign = MemoryTransport::connect(MemoryConfig::default().bus(bus));
+    let foreign = std::sync::Arc::new(foreign);
     Harness::new("memory", move || {
         let url = url.clone();
         async move { switchboard::connect(&url).await }
     })
     .await
+    .foreign_producer(move |pattern, headers, payload| {
+        let foreign = foreign.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            foreign.publish_foreign(&pattern, &headers, payload)
+        }
+    })
 }
 
 conformance_suite!(harness().await);

@@ -274,12 +274,12 @@ impl Envelope {
         let mut env = Envelope::new(fallback_pattern, payload);
         for (name, value) in headers {
             match name {
-                header::ID => env.id = value.parse()?,
+                header::ID => env.id = parse_id(name, value)?,
                 header::PATTERN => env.pattern = value.to_owned(),
                 header::SPEC_VERSION => {}
                 header::CONTENT_TYPE => env.content_type = Some(value.to_owned()),
-                header::CORRELATION_ID => env.correlation_id = Some(value.parse()?),
-                header::CAUSATION_ID => env.causation_id = Some(value.parse()?),
+                header::CORRELATION_ID => env.correlation_id = Some(parse_id(name, value)?),
+                header::CAUSATION_ID => env.causation_id = Some(parse_id(name, value)?),
                 header::REPLY_TO => env.reply_to = Some(value.to_owned()),
                 header::DEADLINE => {
                     let ms: u64 = value.parse().map_err(|_| {
@@ -307,6 +307,12 @@ impl Envelope {
         }
         Ok(env)
     }
+}
+
+fn parse_id<T: FromStr>(name: &str, value: &str) -> Result<T> {
+    value
+        .parse()
+        .map_err(|_| Error::codec("core", format!("header `{name}` is not a UUID: `{value}`")))
 }
 
 fn empty_reply_error() -> ReplyError {

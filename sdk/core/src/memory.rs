@@ -18,6 +18,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use url::Url;
@@ -130,6 +131,8 @@ struct Msg {
     env: Envelope,
     /// Deliveries so far.
     attempt: u32,
+    /// Why the message could not be read, for a malformed foreign message.
+    malformed: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -306,11 +309,16 @@ impl MemoryTransport {
                 let msg = queue.next(&closed).await?;
                 let env = msg.env.clone();
                 let attempt = msg.attempt;
+                let malformed = msg.malformed.clone();
                 let acker = Box::new(MemAcker {
                     queue,
                     msg: Some(msg),
                 });
-                Some((Delivery::new(env, attempt, acker), (guard, closed)))
+                let delivery = match malformed {
+                    None => Delivery::new(env, attempt, acker),
+                    Some(reason) => Delivery::malformed(env, attempt, reason, acker),
+                };
+                Some((delivery, (guard, closed)))
             },
         ))
     }
@@ -323,37 +331,64 @@ fn queue_in(map: &Mutex<HashMap<String, Arc<Queue>>>, name: &str) -> Arc<Queue> 
 #[async_trait]
 impl Publisher for MemoryTransport {
     async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
+        self.route(route, msg, None)
+    }
+}
+
+impl MemoryTransport {
+    /// Publishes an event as a producer without the SDK would: string headers and bytes,
+    /// read the way a broker adapter reads them ([`Envelope::from_headers`]). Headers that do
+    /// not parse make the message malformed: its consumers dead-letter it with the reason.
+    ///
+    /// # Errors
+    /// `PayloadTooLarge`, `Closed`.
+    pub fn publish_foreign(
+        &self,
+        pattern: &str,
+        headers: &[(&str, &str)],
+        payload: Bytes,
+    ) -> Result<()> {
+        match Envelope::from_headers(headers.iter().copied(), payload.clone(), pattern) {
+            Ok(env) => self.route(Route::Event(pattern), env, None),
+            Err(e) => self.route(
+                Route::Event(pattern),
+                Envelope::new(pattern, payload),
+                Some(e.message().to_owned()),
+            ),
+        }
+    }
+
+    fn route(&self, route: Route<'_>, env: Envelope, malformed: Option<String>) -> Result<()> {
         self.check_open()?;
-        if msg.payload.len() > self.config.max_payload {
+        if env.payload.len() > self.config.max_payload {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,
                 NAME,
                 format!(
                     "payload of {} bytes exceeds the limit of {} bytes",
-                    msg.payload.len(),
+                    env.payload.len(),
                     self.config.max_payload
                 ),
             ));
         }
+        let msg = |env: Envelope| Msg {
+            env,
+            attempt: 0,
+            malformed: malformed.clone(),
+        };
         match route {
             Route::Event(topic) => {
                 let topics = self.bus.topics.read().unwrap_or_else(|p| p.into_inner());
                 if let Some(groups) = topics.get(topic) {
                     for q in groups.values() {
-                        q.push(Msg {
-                            env: msg.clone(),
-                            attempt: 0,
-                        });
+                        q.push(msg(env.clone()));
                     }
                 }
             }
             Route::Request(pattern) => {
                 let q = lock(&self.bus.requests).get(pattern).cloned();
                 match q {
-                    Some(q) if q.consumers.load(Ordering::Acquire) > 0 => q.push(Msg {
-                        env: msg,
-                        attempt: 0,
-                    }),
+                    Some(q) if q.consumers.load(Ordering::Acquire) > 0 => q.push(msg(env)),
                     _ => {
                         return Err(Error::new(
                             ErrorKind::NoResponder,
@@ -366,13 +401,10 @@ impl Publisher for MemoryTransport {
             Route::Reply(address) => {
                 // A reply to an inbox that is gone is dropped, as on a broker.
                 if let Some(tx) = lock(&self.bus.inboxes).get(address) {
-                    let _ = tx.send(msg);
+                    let _ = tx.send(env);
                 }
             }
-            Route::DeadLetter(pattern) => queue_in(&self.bus.dead_letters, pattern).push(Msg {
-                env: msg,
-                attempt: 0,
-            }),
+            Route::DeadLetter(pattern) => queue_in(&self.bus.dead_letters, pattern).push(msg(env)),
         }
         Ok(())
     }
