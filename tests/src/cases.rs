@@ -81,6 +81,31 @@ async fn gated_echo(
     .expect("handler registers");
 }
 
+/// Registers on `server` a handler for events on `pattern` in `group` that records each id it
+/// handles.
+async fn recording_group(
+    server: &Client,
+    pattern: &str,
+    group: &str,
+    opts: HandlerOptions,
+) -> Arc<Mutex<Vec<u64>>> {
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let hd = handled.clone();
+    within(
+        "subscribe recording handler",
+        server.on_event_with(pattern, group, opts, move |e: Item, _ctx| {
+            let hd = hd.clone();
+            async move {
+                hd.lock().expect("lock").push(e.id);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribes");
+    handled
+}
+
 async fn next_dead_letter(sub: &mut Subscription) -> Envelope {
     let d = within("a dead letter", sub.next())
         .await
@@ -663,24 +688,11 @@ pub async fn panicking_handler_is_retried_then_dead_lettered_with_reason(h: Harn
 /// consumer is not blocked and handles the next event.
 pub async fn poison_message_is_dead_lettered_and_consumer_continues(h: Harness) -> Outcome {
     let p = h.pattern("poison");
-    let handled = Arc::new(Mutex::new(Vec::new()));
     let server = h.client().await;
     let mut dead = within("subscribe dead letters", server.dead_letters(&p))
         .await
         .expect("subscribes");
-    let hd = handled.clone();
-    within(
-        "subscribe",
-        server.on_event_with(&p, "strict", fast_retries(5), move |e: Item, _ctx| {
-            let hd = hd.clone();
-            async move {
-                hd.lock().expect("lock").push(e.id);
-                Ok(())
-            }
-        }),
-    )
-    .await
-    .expect("subscribes");
+    let handled = recording_group(&server, &p, "strict", fast_retries(5)).await;
     let emitter = h.client().await;
     // Not JSON at all, sent as JSON.
     let mut poison = Envelope::new(p.clone(), Bytes::from_static(b"\xff\xfe{not json"));
@@ -1086,24 +1098,11 @@ pub async fn event_without_sdk_metadata_is_delivered_as_is(h: Harness) -> Outcom
 /// destination with the reason; the consumer keeps going.
 pub async fn malformed_foreign_message_is_dead_lettered_with_reason(h: Harness) -> Outcome {
     let p = h.pattern("malformed");
-    let handled = Arc::new(Mutex::new(Vec::new()));
     let server = h.client().await;
     let mut dead = within("subscribe dead letters", server.dead_letters(&p))
         .await
         .expect("subscribes");
-    let hd = handled.clone();
-    within(
-        "subscribe",
-        server.on_event(&p, "careful", move |e: Item, _ctx| {
-            let hd = hd.clone();
-            async move {
-                hd.lock().expect("lock").push(e.id);
-                Ok(())
-            }
-        }),
-    )
-    .await
-    .expect("subscribes");
+    let handled = recording_group(&server, &p, "careful", HandlerOptions::new()).await;
     let body = Bytes::from_static(br#"{"id":1,"name":"x"}"#);
     let bad_headers = [
         ("ce-id", "not-a-uuid"),
