@@ -382,7 +382,6 @@ impl Client {
         let (deadline, wall, timeout) = self.deadline(opts);
         env.deadline = Some(wall);
         Counters::inc(&self.inner.counters.sent);
-        let timeout_ms = timeout.as_millis();
         let reply = match self.inner.transport.requester() {
             Some(r) => r.call(pattern, env, deadline).await?,
             None => {
@@ -392,7 +391,7 @@ impl Client {
                     pattern,
                     env,
                     deadline,
-                    timeout_ms,
+                    timeout,
                 )
                 .await?
             }
@@ -511,7 +510,7 @@ impl Client {
                 pattern,
                 env,
                 deadline,
-                timeout.as_millis(),
+                timeout,
                 Sink::Once(tx),
             )
             .await?;
@@ -521,7 +520,7 @@ impl Client {
             id,
             rx,
             deadline,
-            timeout_ms: timeout.as_millis(),
+            timeout,
             adapter: self.adapter(),
             _guard: guard,
             _resp: PhantomData,
@@ -635,7 +634,7 @@ pub struct PendingReply<Resp> {
     id: CorrelationId,
     rx: oneshot::Receiver<Result<Envelope>>,
     deadline: Instant,
-    timeout_ms: u128,
+    timeout: Duration,
     adapter: &'static str,
     _guard: WaiterGuard,
     _resp: PhantomData<fn() -> Resp>,
@@ -670,12 +669,12 @@ impl<Resp: Decode> PendingReply<Resp> {
         let PendingReply {
             rx,
             deadline,
-            timeout_ms,
+            timeout,
             adapter,
             _guard,
             ..
         } = self;
-        let env = await_reply(rx, deadline, timeout_ms, adapter).await?;
+        let env = await_reply(rx, deadline, timeout, adapter).await?;
         decode_reply(env, adapter)
     }
 }
@@ -746,7 +745,7 @@ impl<Resp: Decode> ReplyStream<Resp> {
                 pattern,
                 env,
                 deadline,
-                timeout.as_millis(),
+                timeout,
                 Sink::Stream(self.tx.clone()),
             )
             .await?;

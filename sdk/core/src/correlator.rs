@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::StreamExt;
@@ -43,7 +44,7 @@ impl Sink {
 #[derive(Debug)]
 struct Waiter {
     deadline: Instant,
-    timeout_ms: u128,
+    timeout: Duration,
     sink: Sink,
 }
 
@@ -102,14 +103,8 @@ impl Correlator {
                     Some((_, w)) if Instant::now() <= w.deadline => w.sink.deliver(id, Ok(env)),
                     Some((_, w)) => {
                         counters.late_replies.fetch_add(1, Ordering::Relaxed);
-                        let err = Error::new(
-                            crate::ErrorKind::Timeout,
-                            "core",
-                            format!(
-                                "request timed out after {}ms (the reply came too late)",
-                                w.timeout_ms
-                            ),
-                        );
+                        // The reply came too late: the request timed out.
+                        let err = Error::timeout(adapter, w.timeout);
                         w.sink.deliver(id, Err(err));
                     }
                     None => {
@@ -145,7 +140,7 @@ impl Correlator {
         pattern: &str,
         mut msg: Envelope,
         deadline: Instant,
-        timeout_ms: u128,
+        timeout: Duration,
         sink: Sink,
     ) -> Result<CorrelationId> {
         let id = CorrelationId::new();
@@ -155,7 +150,7 @@ impl Correlator {
             id,
             Waiter {
                 deadline,
-                timeout_ms,
+                timeout,
                 sink,
             },
         );
@@ -182,21 +177,14 @@ impl Correlator {
         pattern: &str,
         msg: Envelope,
         deadline: Instant,
-        timeout_ms: u128,
+        timeout: Duration,
     ) -> Result<Envelope> {
         let (tx, rx) = oneshot::channel();
         let id = self
-            .submit(
-                transport,
-                pattern,
-                msg,
-                deadline,
-                timeout_ms,
-                Sink::Once(tx),
-            )
+            .submit(transport, pattern, msg, deadline, timeout, Sink::Once(tx))
             .await?;
         let _guard = self.guard(id);
-        await_reply(rx, deadline, timeout_ms, self.adapter).await
+        await_reply(rx, deadline, timeout, self.adapter).await
     }
 
     /// Removes the waiter for `id`, if it is still waiting; true if it was.
@@ -236,7 +224,7 @@ impl<F: FnOnce()> Drop for OnDrop<F> {
 pub(crate) async fn await_reply(
     mut rx: oneshot::Receiver<Result<Envelope>>,
     deadline: Instant,
-    timeout_ms: u128,
+    timeout: Duration,
     adapter: &'static str,
 ) -> Result<Envelope> {
     if let Ok(r) = rx.try_recv() {
@@ -245,10 +233,6 @@ pub(crate) async fn await_reply(
     match tokio::time::timeout_at(deadline, &mut rx).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(Error::closed(adapter)),
-        Err(_) => Err(Error::new(
-            crate::ErrorKind::Timeout,
-            adapter,
-            format!("request timed out after {timeout_ms}ms"),
-        )),
+        Err(_) => Err(Error::timeout(adapter, timeout)),
     }
 }

@@ -320,7 +320,7 @@ impl Client {
                 SubscribeOptions::default().prefetch(opts.concurrency),
             )
             .await?;
-        let erased = erase::<Req, Resp, F, Fut>(handler);
+        let erased = erase::<Req, Resp, F, Fut>(handler, true);
         Ok(self.start(pattern, Kind::Request, None, opts, sub, erased))
     }
 
@@ -377,7 +377,7 @@ impl Client {
                 SubscribeOptions::group(group).prefetch(opts.concurrency),
             )
             .await?;
-        let erased = erase::<E, (), F, Fut>(handler);
+        let erased = erase::<E, (), F, Fut>(handler, false);
         Ok(self.start(
             pattern,
             Kind::Event,
@@ -425,7 +425,9 @@ impl Client {
     }
 }
 
-fn erase<In, Out, F, Fut>(handler: F) -> Arc<ErasedHandler>
+/// Type-erases a handler. With `reply`, its output is encoded as the reply payload; without
+/// (event handlers), the output is not encoded at all.
+fn erase<In, Out, F, Fut>(handler: F, reply: bool) -> Arc<ErasedHandler>
 where
     In: Decode,
     Out: Encode + Send + 'static,
@@ -444,6 +446,9 @@ where
                 .await
                 .map_err(|p| Failure::Panic(panic_message(p)))?
                 .map_err(Failure::Handler)?;
+            if !reply {
+                return Ok(None);
+            }
             let encoded = out
                 .encode()
                 .map_err(|e| Failure::Handler(HandlerError::new("codec", e.message())))?;
