@@ -18,7 +18,7 @@
 //! | --- | --- | --- | --- |
 //! | `memory://[bus]` | in-process, broker semantics | always on | available |
 //! | `grpc://host:port` | direct gRPC | `grpc` | planned |
-//! | `nats://host:port` | NATS + JetStream | `nats` | planned |
+//! | `nats://host:port`, `tls://` | NATS + JetStream | `nats` | available |
 //! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` | planned |
 //! | `kafka://host:port` | Kafka API | `kafka` | planned |
 //! | `sqs://`, `sns+sqs://` | SNS/SQS | `sns-sqs` | planned |
@@ -50,6 +50,10 @@
 //! ```
 
 pub use switchboard_core::*;
+
+/// The NATS transport (feature `nats`).
+#[cfg(feature = "nats")]
+pub use switchboard_nats as nats;
 
 use url::Url;
 
@@ -100,6 +104,11 @@ pub async fn connect_with(url: &Url, config: ClientConfig) -> Result<Client> {
     match url.scheme() {
         memory::SCHEME => {
             let transport = memory::MemoryTransport::connect(memory::MemoryConfig::from_url(url)?);
+            Ok(Client::new(transport, config))
+        }
+        #[cfg(feature = "nats")]
+        "nats" | "tls" => {
+            let transport = switchboard_nats::connect(url).await?;
             Ok(Client::new(transport, config))
         }
         scheme => match SCHEMES.iter().find(|(s, _)| *s == scheme) {

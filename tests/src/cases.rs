@@ -1238,3 +1238,163 @@ pub async fn requests_waiting_at_shutdown_fail_with_closed(h: Harness) -> Outcom
         .expect("shutdown");
     Outcome::Passed
 }
+
+/// The broker restarts while 10,000 events are emitted and a `send` waits for its reply.
+/// Every event whose `emit` returned `Ok` is handled afterwards (lost must be 0); duplicates
+/// are counted and reported. The waiting `send` fails with a retryable error well before its
+/// deadline, and requests are served again once the broker is back.
+pub async fn broker_restart_loses_no_accepted_event(h: Harness) -> Outcome {
+    if !h.caps().durable {
+        return Outcome::Skipped("transport declares events not durable across a restart".into());
+    }
+    if h.restart_broker_available().is_none() {
+        return Outcome::Skipped("the harness cannot restart this transport's broker".into());
+    }
+    let p = h.pattern("restart");
+    let n = h.load("broker_restart_loses_no_accepted_event", 10_000);
+    let counts: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let server = h.client().await;
+    let c = counts.clone();
+    within(
+        "subscribe",
+        server.on_event_with(
+            &p,
+            "survivors",
+            HandlerOptions::new().concurrency(64),
+            move |e: Item, _ctx| {
+                let c = c.clone();
+                async move {
+                    *c.lock().expect("lock").entry(e.id).or_default() += 1;
+                    Ok(())
+                }
+            },
+        ),
+    )
+    .await
+    .expect("subscribes");
+
+    // A send that is waiting for its reply when the broker goes away.
+    let slow = h.pattern("restart-send");
+    let gate = Arc::new(Semaphore::new(0));
+    gated_echo(&server, &slow, &gate, |req| req.id == 0).await;
+    let caller = h.client().await;
+    let deadline = Duration::from_secs(30);
+    let waiting = {
+        let (caller, slow) = (caller.clone(), slow.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let r = caller
+                .send_with::<Item, Item>(&slow, &item(0), &CallOptions::new().timeout(deadline))
+                .await;
+            (r, started.elapsed())
+        })
+    };
+
+    // The emitter: 64 emits outstanding at a time, recording which were accepted.
+    let emitter = h.client().await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let emitting = {
+        let (emitter, p, done) = (emitter.clone(), p.clone(), done.clone());
+        tokio::spawn(async move {
+            futures::stream::iter(0..n as u64)
+                .map(|id| {
+                    let (emitter, p, done) = (emitter.clone(), p.clone(), done.clone());
+                    async move {
+                        let r = emitter.emit(&p, &item(id)).await;
+                        done.fetch_add(1, Ordering::Relaxed);
+                        (id, r)
+                    }
+                })
+                .buffer_unordered(64)
+                .collect::<Vec<_>>()
+                .await
+        })
+    };
+    eventually(
+        Duration::from_secs(60),
+        "a fifth of the events emitted",
+        || done.load(Ordering::Relaxed) >= n / 5,
+    )
+    .await;
+    let restart = within_for(
+        Duration::from_secs(130),
+        "restart the broker",
+        h.restart_broker(),
+    )
+    .await
+    .expect("the harness can restart the broker");
+    restart.unwrap_or_else(|e| panic!("restarting the broker failed: {e}"));
+
+    let (sent, took) = within_for(deadline + STEP, "the waiting send ends", waiting)
+        .await
+        .expect("send task");
+    let err = sent.expect_err("the send cannot have been answered: its handler was gated");
+    assert!(
+        err.is_retryable(),
+        "a send cut off by a restart fails with a retryable error: {err}"
+    );
+    assert!(
+        took < deadline,
+        "the send failed at its deadline ({took:?}), not when the connection went: {err}"
+    );
+
+    let results = within_for(Duration::from_secs(120), "the emits finish", emitting)
+        .await
+        .expect("emit task");
+    let accepted: Vec<u64> = results
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(id, _)| *id)
+        .collect();
+    let refused = results.len() - accepted.len();
+    if let Some((_, Err(e))) = results.iter().find(|(_, r)| r.is_err()) {
+        assert!(
+            e.is_retryable(),
+            "an emit refused during the restart says it can be retried: {e}"
+        );
+    }
+    let all_in = || {
+        let c = counts.lock().expect("lock");
+        accepted.iter().all(|id| c.contains_key(id))
+    };
+    // Redelivery after a restart can take an ack-wait; the bound is generous.
+    let deadline_all = std::time::Instant::now() + Duration::from_secs(90);
+    while !all_in() && std::time::Instant::now() < deadline_all {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (lost, duplicates) = {
+        let c = counts.lock().expect("lock");
+        let lost = accepted.iter().filter(|id| !c.contains_key(id)).count();
+        let dups: u32 = c.values().map(|k| k - 1).sum();
+        (lost, dups)
+    };
+    eprintln!(
+        "NOTE conformance `broker_restart_loses_no_accepted_event` on `{}`: {n} emits, {} accepted, {refused} refused during the restart; lost {lost}, duplicated {duplicates}",
+        h.name(),
+        accepted.len()
+    );
+    assert_eq!(lost, 0, "events whose emit returned Ok were lost");
+    assert!(!accepted.is_empty(), "no emit was accepted at all");
+
+    // Requests are served again once the broker is back.
+    let echo = h.pattern("restart-echo");
+    let _ = echo_server(&h, &echo).await;
+    let mut answered = None;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while answered.is_none() && std::time::Instant::now() < until {
+        match caller
+            .send_with::<Item, Item>(&echo, &item(7), &CallOptions::new().timeout(STEP))
+            .await
+        {
+            Ok(r) => answered = Some(r),
+            Err(e) => {
+                assert!(e.is_retryable(), "{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert_eq!(answered.map(|r| r.id), Some(7), "requests are served again");
+    gate.close();
+    let _ = within("shutdown", server.shutdown()).await;
+    Outcome::Passed
+}

@@ -50,7 +50,11 @@ pub struct Harness {
     caps: Capabilities,
     load_scale: f64,
     foreign: Option<Arc<ForeignProducer>>,
+    restart: Option<Arc<Restart>>,
 }
+
+/// Restarts the transport's broker: stops it, starts it again, returns once it answers.
+pub type Restart = dyn Fn() -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync;
 
 impl std::fmt::Debug for Harness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,6 +86,7 @@ impl Harness {
             caps,
             load_scale: 1.0,
             foreign: None,
+            restart: None,
         }
     }
 
@@ -109,6 +114,50 @@ impl Harness {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         Some(within("foreign publish", f(pattern.to_owned(), headers, payload)).await)
+    }
+
+    /// Gives the restart case a way to restart the broker.
+    pub fn broker_restart<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), String>> + Send + 'static,
+    {
+        self.restart = Some(Arc::new(move || Box::pin(f())));
+        self
+    }
+
+    /// Restarts the broker with `scripts/brokers restart <broker>`, bounded to two minutes.
+    pub fn broker_restart_script(self, broker: &'static str) -> Self {
+        self.broker_restart(move || async move {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/brokers");
+            let run = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(script)
+                    .args(["restart", broker])
+                    .env("SB_BROKER_WAIT_SECS", "110")
+                    .output()
+            });
+            match tokio::time::timeout(Duration::from_secs(120), run).await {
+                Ok(Ok(Ok(out))) if out.status.success() => Ok(()),
+                Ok(Ok(Ok(out))) => Err(format!(
+                    "`scripts/brokers restart {broker}` failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )),
+                Ok(Ok(Err(e))) => Err(format!("cannot run {script}: {e}")),
+                Ok(Err(e)) => Err(format!("restart task failed: {e}")),
+                Err(_) => Err(format!("restarting {broker} took over two minutes")),
+            }
+        })
+    }
+
+    /// Whether the harness can restart the broker.
+    pub fn restart_broker_available(&self) -> Option<()> {
+        self.restart.as_ref().map(|_| ())
+    }
+
+    /// Restarts the broker, if the harness can.
+    pub async fn restart_broker(&self) -> Option<std::result::Result<(), String>> {
+        let f = self.restart.as_ref()?;
+        Some(f().await)
     }
 
     /// Scales the load cases (10,000 concurrent requests, ...) by `factor`, for emulators that
@@ -179,19 +228,33 @@ pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
-/// Runs one case on a harness, bounded to two minutes, and reports a skip loudly.
+/// Runs one case on a harness, bounded to four minutes, and reports a skip loudly.
 pub async fn run_case<F, Fut>(harness: Harness, case: &str, f: F)
 where
     F: FnOnce(Harness) -> Fut,
     Fut: Future<Output = Outcome>,
 {
     let name = harness.name;
-    match within_for(Duration::from_secs(120), case, f(harness)).await {
+    match within_for(Duration::from_secs(240), case, f(harness)).await {
         Outcome::Passed => {}
         Outcome::Skipped(why) => {
             eprintln!("SKIPPED conformance case `{case}` on `{name}`: {why}");
         }
     }
+}
+
+/// Expands to the restart case alone: it stops and starts the broker, so it goes in a test
+/// file of its own (cargo runs test files one after another, so no other case sees the
+/// broker go away).
+///
+/// ```text
+/// switchboard_conformance::restart_case!(nats_harness().await);
+/// ```
+#[macro_export]
+macro_rules! restart_case {
+    ($make:expr) => {
+        $crate::conformance_suite!(@each $make; broker_restart_loses_no_accepted_event);
+    };
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each built on the harness that
@@ -228,6 +291,9 @@ macro_rules! conformance_suite {
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $crate::conformance_suite!(@each $make; $($case),*);
+    };
+    (@each $make:expr; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {

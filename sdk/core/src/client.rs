@@ -383,7 +383,17 @@ impl Client {
         env.deadline = Some(wall);
         Counters::inc(&self.inner.counters.sent);
         let reply = match self.inner.transport.requester() {
-            Some(r) => r.call(pattern, env, deadline).await?,
+            Some(r) => {
+                env.correlation_id.get_or_insert_with(CorrelationId::new);
+                r.call(pattern, env, deadline).await.map_err(|e| {
+                    // The requester only knows the deadline; the caller asked for a timeout.
+                    if e.kind() == ErrorKind::Timeout {
+                        Error::timeout(e.adapter(), timeout)
+                    } else {
+                        e
+                    }
+                })?
+            }
             None => {
                 let c = self.correlator().await?;
                 c.call(
@@ -622,6 +632,8 @@ fn decode_reply<Resp: Decode>(reply: Envelope, adapter: &'static str) -> Result<
         let kind = match e.code.as_str() {
             "codec" => ErrorKind::Codec,
             "payload_too_large" => ErrorKind::PayloadTooLarge,
+            // Synthesised by transports that learn of a missing responder on the reply path.
+            "no_responder" => ErrorKind::NoResponder,
             _ => ErrorKind::Handler,
         };
         return Err(Error::new(kind, adapter, e.message).with_code(e.code));

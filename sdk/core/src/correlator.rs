@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::envelope::{CorrelationId, Envelope};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Counters;
 use crate::transport::{Route, Transport};
 
@@ -86,9 +86,30 @@ impl Correlator {
         let pending: Arc<DashMap<CorrelationId, Waiter>> = Arc::new(DashMap::new());
         let map = pending.clone();
         let mut sub = inbox.subscription;
+        let mut lost = inbox.connection_lost;
         let adapter = transport.name();
         let pump = tokio::spawn(async move {
-            while let Some(delivery) = sub.next().await {
+            loop {
+                let delivery = tokio::select! {
+                    d = sub.next() => match d {
+                        Some(d) => d,
+                        None => break,
+                    },
+                    () = connection_lost(&mut lost) => {
+                        // Replies to what is in flight may never come: say so now.
+                        let ids: Vec<CorrelationId> = map.iter().map(|e| *e.key()).collect();
+                        for id in ids {
+                            if let Some((_, w)) = map.remove(&id) {
+                                w.sink.deliver(id, Err(Error::new(
+                                    ErrorKind::Connection,
+                                    adapter,
+                                    "connection lost while waiting for the reply; the request may or may not have been handled",
+                                )));
+                            }
+                        }
+                        continue;
+                    }
+                };
                 let (env, _, _, acker) = delivery.into_parts();
                 // Replies are settled as soon as they are read: a reply cannot be handled twice.
                 if let Err(e) = acker.ack().await {
@@ -200,6 +221,16 @@ impl Correlator {
     pub(crate) fn adapter(&self) -> &'static str {
         self.adapter
     }
+}
+
+/// Resolves when the transport reports a lost connection; never, if it cannot report one.
+async fn connection_lost(lost: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = lost
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    futures::future::pending().await
 }
 
 /// Runs its closure when dropped, unless disarmed.

@@ -37,6 +37,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod config;
 mod correlator;
 pub mod envelope;
 pub mod error;

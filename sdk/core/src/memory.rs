@@ -463,10 +463,7 @@ impl Subscriber for MemoryTransport {
                 }?;
                 Some((Delivery::new(env, 1, Box::new(NoAck)), (rx, guard, closed)))
             });
-        Ok(Inbox {
-            address,
-            subscription: Subscription::new(stream),
-        })
+        Ok(Inbox::new(address, Subscription::new(stream)))
     }
 }
 

@@ -94,6 +94,51 @@ pub struct Capabilities {
     pub max_payload: usize,
 }
 
+impl Capabilities {
+    /// Capabilities with nothing declared beyond a payload limit; adapters switch on what
+    /// they keep with the setters below.
+    pub fn new(max_payload: usize) -> Self {
+        Capabilities {
+            native_request: false,
+            detects_no_responder: false,
+            redelivery_on_nack: false,
+            ordered: false,
+            durable: false,
+            max_payload,
+        }
+    }
+
+    /// Sets [`Capabilities::native_request`].
+    pub fn native_request(mut self, yes: bool) -> Self {
+        self.native_request = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::detects_no_responder`].
+    pub fn detects_no_responder(mut self, yes: bool) -> Self {
+        self.detects_no_responder = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::redelivery_on_nack`].
+    pub fn redelivery_on_nack(mut self, yes: bool) -> Self {
+        self.redelivery_on_nack = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::ordered`].
+    pub fn ordered(mut self, yes: bool) -> Self {
+        self.ordered = yes;
+        self
+    }
+
+    /// Sets [`Capabilities::durable`].
+    pub fn durable(mut self, yes: bool) -> Self {
+        self.durable = yes;
+        self
+    }
+}
+
 /// Acknowledges or rejects one delivery. Implemented by adapters.
 #[async_trait]
 pub trait Acker: Send + 'static {
@@ -151,6 +196,28 @@ impl Delivery {
             attempt,
             malformed: Some(reason.into()),
             acker,
+        }
+    }
+
+    /// A delivery read from string headers and a payload, the way a broker adapter receives
+    /// it: an envelope if the headers parse ([`Envelope::from_headers`]), otherwise a
+    /// malformed delivery carrying the payload as received and the reason, so the consumer
+    /// dead-letters it.
+    pub fn decode<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        payload: bytes::Bytes,
+        pattern: &str,
+        attempt: u32,
+        acker: Box<dyn Acker>,
+    ) -> Self {
+        match Envelope::from_headers(headers, payload.clone(), pattern) {
+            Ok(env) => Delivery::new(env, attempt, acker),
+            Err(e) => Delivery::malformed(
+                Envelope::new(pattern, payload),
+                attempt,
+                e.message().to_owned(),
+                acker,
+            ),
         }
     }
 
@@ -221,12 +288,34 @@ impl Stream for Subscription {
 
 /// A client's private reply channel: the address requests carry in `reply_to`, and the
 /// subscription replies arrive on.
+#[non_exhaustive]
 #[derive(Debug)]
 pub struct Inbox {
     /// The address to put in `reply_to`.
     pub address: String,
     /// Replies sent to `address`.
     pub subscription: Subscription,
+    /// Changes each time the transport loses its connection. Requests waiting for a reply
+    /// then fail at once with a retryable `Connection` error instead of at their deadline
+    /// (the reply may never come). `None` for transports that cannot lose one.
+    pub connection_lost: Option<tokio::sync::watch::Receiver<u64>>,
+}
+
+impl Inbox {
+    /// An inbox at `address` whose replies arrive on `subscription`.
+    pub fn new(address: impl Into<String>, subscription: Subscription) -> Self {
+        Inbox {
+            address: address.into(),
+            subscription,
+            connection_lost: None,
+        }
+    }
+
+    /// Sets [`Inbox::connection_lost`].
+    pub fn with_connection_lost(mut self, lost: tokio::sync::watch::Receiver<u64>) -> Self {
+        self.connection_lost = Some(lost);
+        self
+    }
 }
 
 /// Sends messages.

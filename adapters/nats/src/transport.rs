@@ -1,0 +1,790 @@
+//! The NATS transport: core request/reply for `send`, JetStream durable consumers (or core
+//! queue groups, opt-in) for events, a wildcard inbox per client for `request` replies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_nats::{ConnectOptions, Event, ServerAddr, StatusCode};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use switchboard_core::transport::{
+    Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions, Subscriber,
+    Subscription, Transport,
+};
+use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::NAME;
+use crate::codec::{delivery_from, header_map};
+use crate::config::{EventMode, NatsConfig};
+
+/// Queue group every request handler of a pattern joins, so they compete.
+const REQUEST_GROUP: &str = "sb-handlers";
+/// Bound on one JetStream pull; also the delay a draining member puts on the messages it
+/// gives back, so they do not come back to the pull that is ending.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// Bytes kept free under the server's limit for the envelope headers.
+const HEADER_ROOM: usize = 8 * 1024;
+
+/// A connection to NATS, shared by everything a [`switchboard_core::Client`] does.
+#[derive(Clone)]
+pub struct NatsTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: NatsConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// Bumped on every lost connection: in-flight `send`s fail when it changes.
+    disconnects: Arc<watch::Sender<u64>>,
+    closed: CancellationToken,
+    streams: OnceCell<()>,
+    max_payload: usize,
+}
+
+impl std::fmt::Debug for NatsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsTransport")
+            .field("config", &self.inner.cfg)
+            .field("state", &self.inner.client.connection_state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsTransport {
+    /// Connects to the servers in `cfg`, bounded by its connect timeout. Reconnection after
+    /// that is automatic and unbounded; while the connection is down, `send` fails at once
+    /// with a retryable `Connection` error.
+    ///
+    /// # Errors
+    /// `Connection` if no server answers in time; `InvalidConfig` for unreadable TLS or
+    /// credentials files.
+    pub async fn connect(cfg: NatsConfig) -> Result<Self> {
+        let disconnects = Arc::new(watch::channel(0u64).0);
+        let events = disconnects.clone();
+        let mut opts = ConnectOptions::new()
+            .name(cfg.name.clone())
+            .connection_timeout(cfg.connect_timeout)
+            .max_reconnects(None)
+            .event_callback(move |event| {
+                let events = events.clone();
+                async move {
+                    match event {
+                        Event::Disconnected => {
+                            tracing::warn!(
+                                "NATS connection lost; failing in-flight requests, reconnecting"
+                            );
+                            events.send_modify(|g| *g += 1);
+                        }
+                        Event::Connected => tracing::info!("NATS connection (re)established"),
+                        other => tracing::debug!(event = %other, "NATS connection event"),
+                    }
+                }
+            });
+        if let Some(user) = &cfg.user {
+            let pass = cfg
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default();
+            opts = opts.user_and_password(user.clone(), pass);
+        }
+        if let Some(token) = &cfg.token {
+            opts = opts.token(token.expose().to_owned());
+        }
+        if let Some(path) = &cfg.creds {
+            opts = opts.credentials_file(path).await.map_err(|e| {
+                Error::invalid_config(
+                    NAME,
+                    format!("cannot read credentials file `{}`: {e}", path.display()),
+                )
+            })?;
+        }
+        if cfg.tls {
+            opts = opts.require_tls(true);
+        }
+        if let Some(ca) = &cfg.tls_ca {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &cfg.tls_client {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        let scheme = if cfg.tls { "tls" } else { "nats" };
+        let addrs = cfg
+            .servers
+            .iter()
+            .map(|s| {
+                format!("{scheme}://{s}")
+                    .parse::<ServerAddr>()
+                    .map_err(|e| {
+                        Error::invalid_config(NAME, format!("bad server address `{s}`: {e}"))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let servers = cfg.servers.join(",");
+        let client = match tokio::time::timeout(cfg.connect_timeout, opts.connect(addrs)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    NAME,
+                    format!("cannot connect to NATS at {servers}: {e}"),
+                )
+                .with_source(e));
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    NAME,
+                    format!(
+                        "cannot connect to NATS at {servers}: no answer within {:?}",
+                        cfg.connect_timeout
+                    ),
+                ));
+            }
+        };
+        let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
+        let js = jetstream::new(client.clone());
+        Ok(NatsTransport {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                js,
+                disconnects,
+                closed: CancellationToken::new(),
+                streams: OnceCell::new(),
+                max_payload,
+            }),
+        })
+    }
+
+    /// The settings this transport was made with.
+    pub fn config(&self) -> &NatsConfig {
+        &self.inner.cfg
+    }
+
+    /// Publishes an event the way a producer without the SDK would: the NATS client, string
+    /// headers of the caller's choosing, raw bytes, onto the event subject of `pattern`
+    /// (JetStream-acknowledged in JetStream mode).
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a header NATS cannot carry; `Connection` if the server did not
+    /// accept it.
+    pub async fn publish_foreign(
+        &self,
+        pattern: &str,
+        headers: &[(&str, &str)],
+        payload: Bytes,
+    ) -> Result<()> {
+        let map = header_map(headers.iter().copied())?;
+        let subject = self.inner.cfg.event_subject(pattern);
+        match self.inner.cfg.events {
+            EventMode::JetStream => {
+                self.inner.ensure_streams().await?;
+                self.inner.js_publish(subject, map, payload).await
+            }
+            EventMode::Core => {
+                self.inner
+                    .client
+                    .publish_with_headers(subject, map, payload)
+                    .await
+                    .map_err(|e| conn_error("publish", e))?;
+                self.inner
+                    .client
+                    .flush()
+                    .await
+                    .map_err(|e| conn_error("flush", e))
+            }
+        }
+    }
+
+    fn check_size(&self, payload: usize) -> Result<()> {
+        if payload > self.inner.max_payload {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                NAME,
+                format!(
+                    "payload of {payload} bytes exceeds the limit of {} bytes (server max_payload less room for headers)",
+                    self.inner.max_payload
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Creates the event and dead-letter streams if they do not exist yet (once per
+    /// transport).
+    async fn ensure_streams(&self) -> Result<()> {
+        self.streams
+            .get_or_try_init(|| self.create_streams())
+            .await
+            .map(|_| ())
+    }
+
+    async fn create_streams(&self) -> Result<()> {
+        {
+            {
+                let prefix = &self.cfg.prefix;
+                self.js
+                    .get_or_create_stream(jetstream::stream::Config {
+                        name: self.cfg.stream.clone(),
+                        subjects: vec![format!("{prefix}.evt.>")],
+                        // Kept for `retention`, whoever has read it: each group's durable
+                        // consumer keeps its own position. (Interest retention would drop a
+                        // message stored while consumers are still being recovered after a
+                        // server restart, acknowledged to its publisher but never delivered.)
+                        retention: jetstream::stream::RetentionPolicy::Limits,
+                        max_age: self.cfg.retention,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| js_error("create the event stream", e))?;
+                self.js
+                    .get_or_create_stream(jetstream::stream::Config {
+                        name: self.cfg.dlq_stream.clone(),
+                        subjects: vec![format!("{prefix}.dlq.>")],
+                        // Kept until read.
+                        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| js_error("create the dead-letter stream", e))?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn js_publish(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<()> {
+        match self.js_publish_once(&subject, &headers, &payload).await {
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                // JetStream still starting after a server restart, or the stream was
+                // deleted: (re)create it and try once more.
+                self.create_streams().await?;
+                self.js_publish_once(&subject, &headers, &payload)
+                    .await
+                    .map_err(publish_error)
+            }
+            r => r.map_err(publish_error),
+        }
+    }
+
+    async fn js_publish_once(
+        &self,
+        subject: &str,
+        headers: &async_nats::HeaderMap,
+        payload: &Bytes,
+    ) -> std::result::Result<(), jetstream::context::PublishError> {
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers.clone(), payload.clone())
+            .await?;
+        ack.await?;
+        Ok(())
+    }
+
+    async fn pull_consumer(
+        &self,
+        stream: &str,
+        name: String,
+        subject: String,
+        idle: Option<Duration>,
+        deliver: jetstream::consumer::DeliverPolicy,
+    ) -> Result<jetstream::consumer::PullConsumer> {
+        self.ensure_streams().await?;
+        let stream = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| js_error("look up the stream", e))?;
+        stream
+            .get_or_create_consumer(
+                &name,
+                pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subject,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.cfg.ack_wait,
+                    deliver_policy: deliver,
+                    max_ack_pending: 20_000,
+                    inactive_threshold: idle.unwrap_or_default(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| js_error("create the durable consumer", e))
+    }
+}
+
+/// A durable consumer name for `(kind, group, pattern)`: readable, and unique even where
+/// sanitising makes two names alike (`a.b` and `a_b`).
+fn durable_name(kind: &str, group: &str, pattern: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in kind
+        .bytes()
+        .chain([0])
+        .chain(group.bytes())
+        .chain([0])
+        .chain(pattern.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let clean = |s: &str| s.replace('.', "_");
+    format!("{kind}-{}-{}-{h:016x}", clean(group), clean(pattern))
+}
+
+fn conn_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        NAME,
+        format!("NATS {what} failed: {e}"),
+    )
+    .with_source(e)
+}
+
+fn js_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        NAME,
+        format!("JetStream: cannot {what}: {e}"),
+    )
+    .with_source(e)
+}
+
+fn publish_error(e: jetstream::context::PublishError) -> Error {
+    use jetstream::context::PublishErrorKind as K;
+    let kind = match e.kind() {
+        K::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
+        _ => ErrorKind::Connection,
+    };
+    let msg = match e.kind() {
+        K::TimedOut => format!(
+            "JetStream did not confirm the publish in time ({e}); it may or may not be stored"
+        ),
+        K::MaxPayloadExceeded => format!("message exceeds the limit of the server: {e}"),
+        K::StreamNotFound => format!(
+            "no JetStream stream answered for the subject ({e}); JetStream may still be starting"
+        ),
+        _ => format!("JetStream publish failed: {e}"),
+    };
+    Error::new(kind, NAME, msg).with_source(e)
+}
+
+#[async_trait]
+impl Publisher for NatsTransport {
+    async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::closed(NAME));
+        }
+        self.check_size(msg.payload.len())?;
+        let inner = &self.inner;
+        match route {
+            Route::Event(pattern) => {
+                let subject = inner.cfg.event_subject(pattern);
+                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                match inner.cfg.events {
+                    EventMode::JetStream => {
+                        inner.ensure_streams().await?;
+                        inner.js_publish(subject, headers, msg.payload).await
+                    }
+                    EventMode::Core => inner
+                        .client
+                        .publish_with_headers(subject, headers, msg.payload)
+                        .await
+                        .map_err(|e| conn_error("publish", e)),
+                }
+            }
+            Route::Request(pattern) => {
+                if inner.client.connection_state() != State::Connected {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        NAME,
+                        "not connected to NATS (reconnecting); the request was not sent",
+                    ));
+                }
+                let Some(reply_to) = msg.reply_to.as_deref() else {
+                    return Err(Error::invalid_config(
+                        NAME,
+                        "a request needs a reply address",
+                    ));
+                };
+                // The reply subject is the caller's inbox followed by the correlation id and
+                // the pattern: replies arrive on one wildcard subscription, and the server's
+                // no-responders notice (which carries nothing else) names the request and
+                // the pattern it is about.
+                let reply = match msg.correlation_id {
+                    Some(id) => format!("{reply_to}.{id}.{pattern}"),
+                    None => reply_to.to_owned(),
+                };
+                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                inner
+                    .client
+                    .publish_with_reply_and_headers(
+                        inner.cfg.request_subject(pattern),
+                        reply,
+                        headers,
+                        msg.payload,
+                    )
+                    .await
+                    .map_err(|e| conn_error("publish", e))
+            }
+            Route::Reply(address) => {
+                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                inner
+                    .client
+                    .publish_with_headers(address.to_owned(), headers, msg.payload)
+                    .await
+                    .map_err(|e| conn_error("publish", e))
+            }
+            Route::DeadLetter(pattern) => {
+                inner.ensure_streams().await?;
+                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                inner
+                    .js_publish(inner.cfg.dead_letter_subject(pattern), headers, msg.payload)
+                    .await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Subscriber for NatsTransport {
+    async fn subscribe(&self, route: Route<'_>, opts: SubscribeOptions) -> Result<Subscription> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::closed(NAME));
+        }
+        let inner = &self.inner;
+        match route {
+            Route::Event(pattern) => {
+                let group = opts.group.as_deref().ok_or_else(|| {
+                    Error::invalid_config(
+                        NAME,
+                        format!("subscribing to events on `{pattern}` needs a consumer group"),
+                    )
+                })?;
+                let subject = inner.cfg.event_subject(pattern);
+                match inner.cfg.events {
+                    EventMode::JetStream => {
+                        let consumer = inner
+                            .pull_consumer(
+                                &inner.cfg.stream,
+                                durable_name("evt", group, pattern),
+                                subject,
+                                inner.cfg.group_idle,
+                                // A new group starts with the events emitted from now on.
+                                jetstream::consumer::DeliverPolicy::New,
+                            )
+                            .await?;
+                        Ok(pull_subscription(
+                            self.inner.clone(),
+                            consumer,
+                            pattern.to_owned(),
+                            opts.prefetch,
+                        ))
+                    }
+                    EventMode::Core => {
+                        let sub = inner
+                            .client
+                            .queue_subscribe(subject, group.to_owned())
+                            .await
+                            .map_err(|e| conn_error("subscribe", e))?;
+                        Ok(core_subscription(
+                            self.inner.clone(),
+                            sub,
+                            pattern.to_owned(),
+                        ))
+                    }
+                }
+            }
+            Route::Request(pattern) => {
+                let sub = inner
+                    .client
+                    .queue_subscribe(inner.cfg.request_subject(pattern), REQUEST_GROUP.into())
+                    .await
+                    .map_err(|e| conn_error("subscribe", e))?;
+                Ok(core_subscription(
+                    self.inner.clone(),
+                    sub,
+                    pattern.to_owned(),
+                ))
+            }
+            Route::DeadLetter(pattern) => {
+                // One durable per pattern, shared by every reader: a work queue allows one
+                // consumer per subject, and each dead letter is read once.
+                let consumer = inner
+                    .pull_consumer(
+                        &inner.cfg.dlq_stream,
+                        durable_name("dlq", "readers", pattern),
+                        inner.cfg.dead_letter_subject(pattern),
+                        None,
+                        // Every dead letter kept, however old.
+                        jetstream::consumer::DeliverPolicy::All,
+                    )
+                    .await?;
+                Ok(pull_subscription(
+                    self.inner.clone(),
+                    consumer,
+                    pattern.to_owned(),
+                    opts.prefetch,
+                ))
+            }
+            Route::Reply(address) => Err(Error::invalid_config(
+                NAME,
+                format!("reply address `{address}` is read through open_inbox"),
+            )),
+        }
+    }
+
+    async fn open_inbox(&self, name: &str) -> Result<Inbox> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::closed(NAME));
+        }
+        let address = format!("_SB_INBOX.{}", name.replace(['.', '*', '>', ' '], "_"));
+        let sub = self
+            .inner
+            .client
+            .subscribe(format!("{address}.>"))
+            .await
+            .map_err(|e| conn_error("subscribe", e))?;
+        let closed = self.inner.closed.clone();
+        let skip = address.len() + 1;
+        let stream = sub
+            .take_until(closed.cancelled_owned())
+            .map(move |m| Delivery::new(reply_envelope_from_inbox(m, skip), 1, Box::new(NoAck)));
+        Ok(Inbox::new(address, Subscription::new(stream))
+            .with_connection_lost(self.inner.disconnects.subscribe()))
+    }
+}
+
+/// A message on a client's inbox (subject `<inbox>.<correlation id>.<pattern>`, the inbox
+/// part `skip` bytes long with its dot): a reply, or the server's notice that a request found
+/// no responder, turned into a reply carrying the `no_responder` error.
+fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
+    let (id, pattern) = m
+        .subject
+        .get(skip..)
+        .and_then(|rest| rest.split_once('.'))
+        .unwrap_or_default();
+    let from_subject = id.parse::<CorrelationId>().ok();
+    if m.status == Some(StatusCode::NO_RESPONDERS) {
+        let mut env = Envelope::new(pattern, Bytes::new());
+        env.correlation_id = from_subject;
+        env.error = Some(ReplyError {
+            code: "no_responder".into(),
+            message: format!("no handler is subscribed to `{pattern}`"),
+        });
+        return env;
+    }
+    let d = delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck));
+    let (mut env, _, malformed, _) = d.into_parts();
+    if let Some(why) = malformed {
+        tracing::debug!(reason = %why, "reply with malformed headers");
+    }
+    if env.correlation_id.is_none() {
+        env.correlation_id = from_subject;
+    }
+    env
+}
+
+/// Requests and core-mode events: at most once, nothing to acknowledge.
+fn core_subscription(
+    inner: Arc<Inner>,
+    sub: async_nats::Subscriber,
+    pattern: String,
+) -> Subscription {
+    let stream = sub
+        .take_until(inner.closed.clone().cancelled_owned())
+        .map(move |m| {
+            let reply = m.reply.clone();
+            let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck));
+            // The NATS reply subject is where the answer must go, whatever a header says.
+            if let Some(r) = reply {
+                d.envelope.reply_to = Some(r.to_string());
+            }
+            d
+        });
+    Subscription::new(stream)
+}
+
+/// Events and dead letters from a JetStream durable consumer. A task pulls as many messages
+/// as there are free credits (`prefetch`), so a member never holds more than it can start;
+/// each delivery keeps its credit until acknowledged, rejected or dropped (a dropped
+/// delivery is given back to the server at once).
+fn pull_subscription(
+    inner: Arc<Inner>,
+    consumer: jetstream::consumer::PullConsumer,
+    pattern: String,
+    prefetch: usize,
+) -> Subscription {
+    let prefetch = prefetch.max(1);
+    let (tx, rx) = mpsc::channel::<Delivery>(prefetch);
+    let credits = Arc::new(Semaphore::new(prefetch));
+    let closed = inner.closed.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let first = tokio::select! {
+                p = credits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = tx.closed() => break,
+                _ = closed.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < prefetch {
+                match credits.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, %pattern, "JetStream pull failed; retrying");
+                    drop(permits);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = closed.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            // The server ends a pull at its expiry; the client-side bound covers a pull lost
+            // with the connection.
+            while let Ok(Some(next)) =
+                tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), batch.next()).await
+            {
+                let msg = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %pattern, "JetStream pull ended");
+                        break;
+                    }
+                };
+                if tx.is_closed() || closed.is_cancelled() {
+                    // Draining: give it back, delayed past this pull's end so it goes to
+                    // another member rather than back here.
+                    let _ = msg.ack_with(AckKind::Nak(Some(PULL_EXPIRES))).await;
+                    continue;
+                }
+                let attempt = msg
+                    .info()
+                    .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+                    .unwrap_or(1);
+                let permit = permits.pop();
+                let headers = msg.message.headers.clone();
+                let payload = msg.message.payload.clone();
+                let acker = Box::new(JsAcker {
+                    msg: Some(msg),
+                    _credit: permit,
+                });
+                let d = delivery_from(&headers, payload, &pattern, attempt, acker);
+                if tx.send(d).await.is_err() {
+                    // The subscription is gone; the delivery's acker gave it back on drop.
+                    continue;
+                }
+            }
+        }
+    });
+    Subscription::new(tokio_stream_from(rx))
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+/// Acknowledges a JetStream message; gives it back to the server if dropped unsettled.
+struct JsAcker {
+    msg: Option<jetstream::Message>,
+    _credit: Option<OwnedSemaphorePermit>,
+}
+
+#[async_trait]
+impl Acker for JsAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        match self.msg.take() {
+            Some(m) => m.ack().await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    NAME,
+                    format!("JetStream ack failed: {e}"),
+                )
+            }),
+            None => Ok(()),
+        }
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
+        match self.msg.take() {
+            Some(m) => m
+                .ack_with(AckKind::Nak((!delay.is_zero()).then_some(delay)))
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Connection,
+                        NAME,
+                        format!("JetStream nak failed: {e}"),
+                    )
+                }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for JsAcker {
+    fn drop(&mut self) {
+        if let Some(m) = self.msg.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = m.ack_with(AckKind::Nak(None)).await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let js = self.inner.cfg.events == EventMode::JetStream;
+        Capabilities::new(self.inner.max_payload)
+            .detects_no_responder(true)
+            .redelivery_on_nack(js)
+            .durable(js)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.cancel();
+        // Sends what is buffered, then closes; bounded so a dead server cannot hold it.
+        match tokio::time::timeout(Duration::from_secs(5), self.inner.client.drain()).await {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(e)) => Err(conn_error("drain", e)),
+        }
+    }
+}

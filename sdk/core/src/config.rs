@@ -1,0 +1,123 @@
+//! Helpers for adapters reading their configuration from a URL: typed option parsing with
+//! errors that name the option, and [`Secret`], a string that never shows in logs or `Debug`.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A credential (password, token). Its `Debug` and `Display` print `***`; only
+/// [`Secret::expose`] gives the value, at the one place that hands it to the broker client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The credential itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Parses option `key` as a positive number of milliseconds.
+///
+/// # Errors
+/// `InvalidConfig` naming the option and the value.
+pub fn parse_millis(adapter: &'static str, key: &str, value: &str) -> Result<Duration> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            Error::invalid_config(
+                adapter,
+                format!("`{key}` must be a positive number of milliseconds, got `{value}`"),
+            )
+        })
+}
+
+/// Parses option `key` as a positive integer.
+///
+/// # Errors
+/// `InvalidConfig` naming the option and the value.
+pub fn parse_count(adapter: &'static str, key: &str, value: &str) -> Result<usize> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            Error::invalid_config(
+                adapter,
+                format!("`{key}` must be a positive integer, got `{value}`"),
+            )
+        })
+}
+
+/// Parses option `key` as a boolean (`true`/`false`, `1`/`0`).
+///
+/// # Errors
+/// `InvalidConfig` naming the option and the value.
+pub fn parse_bool(adapter: &'static str, key: &str, value: &str) -> Result<bool> {
+    match value {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(Error::invalid_config(
+            adapter,
+            format!("`{key}` must be true or false, got `{value}`"),
+        )),
+    }
+}
+
+/// The error for an option an adapter does not know; `known` lists the ones it does.
+pub fn unknown_option(adapter: &'static str, key: &str, known: &[&str]) -> Error {
+    Error::invalid_config(
+        adapter,
+        format!(
+            "unknown option `{key}` in {adapter} URL (known: {}, {})",
+            known.join(", "),
+            crate::ClientConfig::URL_KEYS.join(", ")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "*** ***");
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn options_parse_or_name_themselves() {
+        assert_eq!(
+            parse_millis("x", "ack_wait_ms", "250").expect("ms"),
+            Duration::from_millis(250)
+        );
+        let e = parse_millis("x", "ack_wait_ms", "0").expect_err("zero");
+        assert!(e.to_string().contains("ack_wait_ms"), "{e}");
+        assert!(parse_count("x", "n", "-1").is_err());
+        assert!(parse_bool("x", "tls", "maybe").is_err());
+        assert!(parse_bool("x", "tls", "true").expect("bool"));
+    }
+}
