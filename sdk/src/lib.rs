@@ -19,7 +19,7 @@
 //! | `memory://[bus]` | in-process, broker semantics | always on | available |
 //! | `grpc://host:port` | direct gRPC | `grpc` | planned |
 //! | `nats://host:port`, `tls://` | NATS + JetStream | `nats` | available |
-//! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` | planned |
+//! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` | available |
 //! | `kafka://host:port` | Kafka API | `kafka` | planned |
 //! | `sqs://`, `sns+sqs://` | SNS/SQS | `sns-sqs` | planned |
 //!
@@ -50,6 +50,10 @@
 //! ```
 
 pub use switchboard_core::*;
+
+/// The RabbitMQ transport (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub use switchboard_rabbitmq as rabbitmq;
 
 /// The NATS transport (feature `nats`).
 #[cfg(feature = "nats")]
@@ -109,6 +113,11 @@ pub async fn connect_with(url: &Url, config: ClientConfig) -> Result<Client> {
         #[cfg(feature = "nats")]
         "nats" | "tls" => {
             let transport = switchboard_nats::connect(url).await?;
+            Ok(Client::new(transport, config))
+        }
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => {
+            let transport = switchboard_rabbitmq::connect(url).await?;
             Ok(Client::new(transport, config))
         }
         scheme => match SCHEMES.iter().find(|(s, _)| *s == scheme) {

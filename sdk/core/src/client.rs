@@ -250,7 +250,11 @@ impl Client {
 
     /// A snapshot of this client's counters.
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot()
+        let mut stats = self.inner.counters.snapshot();
+        if let Some(r) = self.inner.transport.requester() {
+            stats.late_replies += r.late_replies();
+        }
+        stats
     }
 
     /// Requests of this client still waiting for a reply (via `request` or a correlated `send`).

@@ -356,6 +356,12 @@ pub trait Requester: Send + Sync {
     /// `Timeout` at the deadline, `NoResponder`, transport errors. A reply carrying an error
     /// is returned as `Ok`: core turns it into a `Handler` error.
     async fn call(&self, pattern: &str, msg: Envelope, deadline: Instant) -> Result<Envelope>;
+
+    /// Replies that arrived for no waiting call (after their deadline, or unknown), dropped.
+    /// Counted into [`crate::Stats::late_replies`].
+    fn late_replies(&self) -> u64 {
+        0
+    }
 }
 
 /// A transport: the adapter's one entry point.

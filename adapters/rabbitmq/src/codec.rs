@@ -1,0 +1,161 @@
+//! Envelope ⇄ AMQP properties and headers.
+//!
+//! Where AMQP has a property for a field it is used (`message_id` = `ce-id`, `type` =
+//! `ce-type`, `content_type`, `correlation_id`, `reply_to`); everything else travels in the
+//! headers table as strings, under the names in docs/wire.md.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use switchboard_core::transport::{Acker, Delivery};
+use switchboard_core::{Envelope, header};
+
+/// Headers the broker adds that are not part of the envelope.
+const BROKER_HEADERS: &[&str] = &["x-delivery-count", "x-death", "x-first-death-exchange"];
+
+/// AMQP properties for `env`. Persistent messages survive a broker restart.
+pub(crate) fn properties(env: &Envelope, persistent: bool) -> BasicProperties {
+    let mut props = BasicProperties::default();
+    let mut table = FieldTable::default();
+    for (k, v) in env.to_headers() {
+        let short = || ShortString::try_new(v.as_str()).ok();
+        let placed = match k {
+            header::ID => short().map(|s| props = props.clone().with_message_id(s)),
+            header::PATTERN => short().map(|s| props = props.clone().with_type(s)),
+            header::CONTENT_TYPE => short().map(|s| props = props.clone().with_content_type(s)),
+            header::CORRELATION_ID => short().map(|s| props = props.clone().with_correlation_id(s)),
+            header::REPLY_TO => short().map(|s| props = props.clone().with_reply_to(s)),
+            _ => None,
+        };
+        if placed.is_none()
+            && let Ok(name) = ShortString::try_new(k)
+        {
+            table.insert(name, AMQPValue::LongString(v.into()));
+        }
+    }
+    props = props.with_headers(table);
+    if persistent {
+        props = props.with_delivery_mode(2);
+    }
+    props
+}
+
+/// A delivery from AMQP properties, headers and body ([`Delivery::decode`]). Header values
+/// that are not strings (numbers, booleans from foreign producers) are read as their text.
+pub(crate) fn delivery_from(
+    props: &BasicProperties,
+    payload: Vec<u8>,
+    pattern: &str,
+    attempt: u32,
+    acker: Box<dyn Acker>,
+) -> Delivery {
+    let mut pairs: Vec<(&str, String)> = Vec::with_capacity(12);
+    let mut put = |k: &'static str, v: &Option<ShortString>| {
+        if let Some(v) = v {
+            pairs.push((k, v.as_str().to_owned()));
+        }
+    };
+    put(header::ID, props.message_id());
+    put(header::PATTERN, props.kind());
+    put(header::CONTENT_TYPE, props.content_type());
+    put(header::CORRELATION_ID, props.correlation_id());
+    put(header::REPLY_TO, props.reply_to());
+    if let Some(table) = props.headers() {
+        for (k, v) in table.inner() {
+            if BROKER_HEADERS.contains(&k.as_str()) {
+                continue;
+            }
+            if let Some(text) = value_text(v) {
+                pairs.push((k.as_str(), text));
+            }
+        }
+    }
+    Delivery::decode(
+        pairs.iter().map(|(k, v)| (*k, v.as_str())),
+        payload.into(),
+        pattern,
+        attempt,
+        acker,
+    )
+}
+
+fn value_text(v: &AMQPValue) -> Option<String> {
+    Some(match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        _ => return None,
+    })
+}
+
+/// The broker's delivery count (quorum queues), if present.
+pub(crate) fn delivery_count(props: &BasicProperties) -> Option<u32> {
+    let v = props.headers().as_ref()?.inner().get("x-delivery-count")?;
+    value_text(v)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_core::CorrelationId;
+    use switchboard_core::transport::NoAck;
+
+    #[test]
+    fn envelope_round_trips_through_amqp_properties() {
+        let mut env = Envelope::new("orders.created", &b"{}"[..])
+            .with_content_type("application/json")
+            .with_header("x-tenant", "acme");
+        env.correlation_id = Some(CorrelationId::new());
+        env.reply_to = Some("sb.reply.c1".into());
+        env.key = Some("k".into());
+        let props = properties(&env, true);
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert_eq!(
+            props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+            Some(env.id.to_string())
+        );
+        let (back, _, malformed, _) =
+            delivery_from(&props, b"{}".to_vec(), "x", 1, Box::new(NoAck)).into_parts();
+        assert!(malformed.is_none());
+        assert_eq!(back.id, env.id);
+        assert_eq!(back.pattern, "orders.created");
+        assert_eq!(back.correlation_id, env.correlation_id);
+        assert_eq!(back.reply_to, env.reply_to);
+        assert_eq!(back.key, env.key);
+        assert_eq!(back.content_type, env.content_type);
+        assert_eq!(
+            back.headers.get("x-tenant").map(String::as_str),
+            Some("acme")
+        );
+    }
+
+    #[test]
+    fn foreign_headers_of_other_types_are_read_as_text() {
+        let mut table = FieldTable::default();
+        table.insert("x-retries".into(), AMQPValue::LongInt(3));
+        table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        let props = BasicProperties::default().with_headers(table);
+        assert_eq!(delivery_count(&props), Some(2));
+        let d = delivery_from(&props, b"raw".to_vec(), "p", 1, Box::new(NoAck));
+        assert_eq!(
+            d.envelope.headers.get("x-retries").map(String::as_str),
+            Some("3")
+        );
+        assert!(!d.envelope.headers.contains_key("x-delivery-count"));
+        assert_eq!(d.envelope.pattern, "p");
+    }
+
+    #[test]
+    fn malformed_message_id_makes_a_malformed_delivery() {
+        let props = BasicProperties::default().with_message_id("not-a-uuid".into());
+        let d = delivery_from(&props, b"x".to_vec(), "p", 1, Box::new(NoAck));
+        assert!(d.malformed.as_deref().is_some_and(|r| r.contains("ce-id")));
+    }
+}

@@ -1,0 +1,954 @@
+//! The RabbitMQ transport: direct reply-to for `send`, a durable reply queue per client for
+//! `request`, a topic exchange with one durable queue per group for events, publisher
+//! confirms, a dead-letter exchange; reconnection with resubscription.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use switchboard_core::transport::{
+    Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Requester, Route, SubscribeOptions,
+    Subscriber, Subscription, Transport,
+};
+use switchboard_core::{Envelope, Error, ErrorKind, Result};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::NAME;
+use crate::codec::{delivery_count, delivery_from, properties};
+use crate::config::{QueueType, RabbitConfig};
+
+/// RabbitMQ's pseudo-queue for direct reply-to.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// Longest queue name AMQP allows.
+const MAX_NAME: usize = 255;
+
+/// A connection to RabbitMQ, shared by everything a [`switchboard_core::Client`] does. It
+/// reconnects by itself (trying the configured nodes in order) and resubscribes.
+#[derive(Clone)]
+pub struct RabbitTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: RabbitConfig,
+    tls: lapin::tcp::OwnedTLSConfig,
+    session: RwLock<Option<Arc<Session>>>,
+    connecting: tokio::sync::Mutex<()>,
+    /// Bumped each time a connection is lost: waiting requests fail at once.
+    lost: Arc<watch::Sender<u64>>,
+    closed: CancellationToken,
+    /// Direct reply-to waiters, by correlation id.
+    calls: Arc<DashMap<String, oneshot::Sender<Envelope>>>,
+    late: Arc<AtomicU64>,
+    /// Reply queues this client declared, deleted on close.
+    inboxes: Mutex<Vec<String>>,
+}
+
+/// One live connection and its shared channels.
+struct Session {
+    conn: Connection,
+    /// Publisher confirms on: events, dead letters, requests via `request`.
+    confirm: Channel,
+    /// No confirms: replies.
+    fast: Channel,
+    /// Confirms on, consuming direct reply-to: requests via `send`.
+    rpc: Channel,
+}
+
+impl Session {
+    fn alive(&self) -> bool {
+        self.conn.status().connected()
+    }
+}
+
+impl std::fmt::Debug for RabbitTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitTransport")
+            .field("config", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn amqp_error(what: &str, e: lapin::Error) -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        NAME,
+        format!("RabbitMQ: cannot {what}: {e}"),
+    )
+    .with_source(e)
+}
+
+fn short(s: &str) -> Result<ShortString> {
+    ShortString::try_new(s).map_err(|_| {
+        Error::invalid_config(NAME, format!("`{s}` is longer than AMQP's 255-byte limit"))
+    })
+}
+
+/// A queue name from parts, kept under AMQP's limit (a long one ends in a hash of the whole).
+fn queue_name(parts: &[&str]) -> String {
+    let full = parts.join(".");
+    if full.len() <= MAX_NAME {
+        return full;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in full.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut cut = MAX_NAME - 17;
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}.{h:016x}", &full[..cut])
+}
+
+impl RabbitTransport {
+    /// Connects to the first node of `cfg` that answers.
+    ///
+    /// # Errors
+    /// `Connection` if no node answers within the connect timeout; `InvalidConfig` for an
+    /// unreadable CA file.
+    pub async fn connect(cfg: RabbitConfig) -> Result<Self> {
+        let mut tls = lapin::tcp::OwnedTLSConfig::default();
+        if let Some(ca) = &cfg.tls_ca {
+            tls.cert_chain = Some(std::fs::read_to_string(ca).map_err(|e| {
+                Error::invalid_config(NAME, format!("cannot read `tls_ca` {}: {e}", ca.display()))
+            })?);
+        }
+        let inner = Arc::new(Inner {
+            cfg,
+            tls,
+            session: RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            lost: Arc::new(watch::channel(0).0),
+            closed: CancellationToken::new(),
+            calls: Arc::new(DashMap::new()),
+            late: Arc::new(AtomicU64::new(0)),
+            inboxes: Mutex::new(Vec::new()),
+        });
+        inner.session().await?;
+        Ok(RabbitTransport { inner })
+    }
+
+    /// The settings this transport was made with.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.inner.cfg
+    }
+
+    /// Publishes an event the way a producer without the SDK would: the AMQP client, string
+    /// headers of the caller's choosing in the headers table, raw bytes, to the event
+    /// exchange with the pattern as routing key; returns after the publisher confirm.
+    ///
+    /// # Errors
+    /// `Connection`, `Rejected`.
+    pub async fn publish_foreign(
+        &self,
+        pattern: &str,
+        headers: &[(&str, &str)],
+        payload: Bytes,
+    ) -> Result<()> {
+        let mut table = FieldTable::default();
+        for (k, v) in headers {
+            table.insert(short(k)?, AMQPValue::LongString((*v).into()));
+        }
+        let props = BasicProperties::default()
+            .with_headers(table)
+            .with_delivery_mode(2);
+        let s = self.inner.session().await?;
+        let ex = self.inner.cfg.exchange.clone();
+        confirmed(&s.confirm, &ex, pattern, false, &payload, props).await
+    }
+}
+
+/// Publishes on a confirm channel and waits for the broker's confirm.
+async fn confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    payload: &[u8],
+    props: BasicProperties,
+) -> Result<()> {
+    let confirm = ch
+        .basic_publish(
+            short(exchange)?,
+            short(routing_key)?,
+            BasicPublishOptions {
+                mandatory,
+                ..Default::default()
+            },
+            payload,
+            props,
+        )
+        .await
+        .map_err(|e| amqp_error("publish", e))?
+        .await
+        .map_err(|e| amqp_error("confirm a publish", e))?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(Error::new(
+            ErrorKind::NoResponder,
+            NAME,
+            format!("no queue is bound for `{routing_key}`: no handler is serving it"),
+        )),
+        Confirmation::Nack(_) => Err(Error::new(
+            ErrorKind::Rejected,
+            NAME,
+            format!("the broker refused the message for `{routing_key}` (nack)"),
+        )),
+    }
+}
+
+impl Inner {
+    /// The live session, connecting (once, whoever asks first) if there is none.
+    async fn session(self: &Arc<Self>) -> Result<Arc<Session>> {
+        if self.closed.is_cancelled() {
+            return Err(Error::closed(NAME));
+        }
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        let s = Arc::new(self.open().await?);
+        *self.session.write().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+        Ok(s)
+    }
+
+    fn current(&self) -> Option<Arc<Session>> {
+        self.session
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|s| s.alive())
+            .cloned()
+    }
+
+    /// Waits for a live session, retrying with backoff, until closed.
+    async fn session_wait(self: &Arc<Self>) -> Option<Arc<Session>> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.session().await {
+                Ok(s) => return Some(s),
+                Err(e) if e.kind() == ErrorKind::Closed => return None,
+                Err(e) => tracing::warn!(error = %e, "RabbitMQ unavailable; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.closed.cancelled() => return None,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn open(self: &Arc<Self>) -> Result<Session> {
+        let mut last = None;
+        for node in &self.cfg.nodes {
+            let uri = self.cfg.uri(node);
+            let props =
+                ConnectionProperties::default().with_connection_name(self.cfg.name.clone().into());
+            let runtime = lapin::runtime::default_runtime()
+                .map_err(|e| amqp_error("start the AMQP runtime", e))?;
+            let attempt = Connection::connect_with_config(&uri, props, self.tls.clone(), runtime);
+            match tokio::time::timeout(self.cfg.connect_timeout, attempt).await {
+                Ok(Ok(conn)) => return self.setup(conn).await,
+                // The error never carries the URI, so no credentials reach the message.
+                Ok(Err(e)) => last = Some(format!("{node}: {e}")),
+                Err(_) => {
+                    last = Some(format!(
+                        "{node}: no answer within {:?}",
+                        self.cfg.connect_timeout
+                    ))
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Connection,
+            NAME,
+            format!(
+                "cannot connect to RabbitMQ ({})",
+                last.unwrap_or_else(|| "no nodes configured".into())
+            ),
+        ))
+    }
+
+    async fn setup(self: &Arc<Self>, conn: Connection) -> Result<Session> {
+        let channel = |what: &'static str| {
+            let conn = &conn;
+            async move { conn.create_channel().await.map_err(|e| amqp_error(what, e)) }
+        };
+        let confirm = channel("open a channel").await?;
+        confirm
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| amqp_error("enable publisher confirms", e))?;
+        let fast = channel("open a channel").await?;
+        let rpc = channel("open a channel").await?;
+        rpc.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| amqp_error("enable publisher confirms", e))?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        confirm
+            .exchange_declare(
+                short(&self.cfg.exchange)?,
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("declare the event exchange", e))?;
+        confirm
+            .exchange_declare(
+                short(&self.cfg.dead_letter_exchange)?,
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("declare the dead-letter exchange", e))?;
+        // Direct reply-to: one consumer on the rpc channel, for every `send` of this client.
+        let mut replies = rpc
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("consume direct replies", e))?;
+        let calls = self.calls.clone();
+        let late = self.late.clone();
+        let lost = self.lost.clone();
+        let closed = self.closed.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    n = replies.next() => n,
+                    _ = closed.cancelled() => None,
+                };
+                let Some(Ok(d)) = next else { break };
+                let corr = d
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.as_str().to_owned());
+                let waiter = corr.and_then(|c| calls.remove(&c)).map(|(_, tx)| tx);
+                match waiter {
+                    Some(tx) => {
+                        let (env, _, malformed, _) =
+                            delivery_from(&d.properties, d.data, "", 1, Box::new(NoAck))
+                                .into_parts();
+                        if let Some(why) = malformed {
+                            tracing::debug!(reason = %why, "reply with malformed headers");
+                        }
+                        let _ = tx.send(env);
+                    }
+                    None => {
+                        late.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if !closed.is_cancelled() {
+                tracing::warn!("RabbitMQ connection lost; failing waiting requests, reconnecting");
+                lost.send_modify(|g| *g += 1);
+            }
+            // Dropping the senders fails every waiting `send` with a connection error.
+            calls.clear();
+        });
+        Ok(Session {
+            conn,
+            confirm,
+            fast,
+            rpc,
+        })
+    }
+
+    /// The queue a route reads from, declared (and bound) on `ch`.
+    async fn declare(&self, ch: &Channel, what: &Source) -> Result<String> {
+        let cfg = &self.cfg;
+        let declare = |name: String, opts: QueueDeclareOptions, args: FieldTable| async move {
+            ch.queue_declare(short(&name)?, opts, args)
+                .await
+                .map_err(|e| amqp_error(&format!("declare queue `{name}`"), e))?;
+            Ok::<_, Error>(name)
+        };
+        let bind = |queue: String, exchange: String, key: String| async move {
+            ch.queue_bind(
+                short(&queue)?,
+                short(&exchange)?,
+                short(&key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error(&format!("bind queue `{queue}`"), e))
+        };
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        match what {
+            Source::Event { pattern, group } => {
+                // Dead letters of the pattern must have somewhere to go before any is sent.
+                let dlq = declare(
+                    queue_name(&[&cfg.prefix, "dlq", pattern]),
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
+                bind(dlq, cfg.dead_letter_exchange.clone(), pattern.clone()).await?;
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(cfg.dead_letter_exchange.as_str().into()),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(pattern.as_str().into()),
+                );
+                if cfg.queue_type == QueueType::Quorum {
+                    args.insert(
+                        "x-queue-type".into(),
+                        AMQPValue::LongString("quorum".into()),
+                    );
+                }
+                let q = declare(
+                    queue_name(&[&cfg.prefix, "evt", pattern, group]),
+                    durable,
+                    args,
+                )
+                .await?;
+                bind(q.clone(), cfg.exchange.clone(), pattern.clone()).await?;
+                Ok(q)
+            }
+            Source::Request { pattern } => {
+                // Deleted with its last handler, so a request to a pattern nobody serves is
+                // returned by the broker at once (no responder).
+                declare(
+                    self.request_queue(pattern),
+                    QueueDeclareOptions {
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+            }
+            Source::DeadLetter { pattern } => {
+                let q = declare(
+                    queue_name(&[&cfg.prefix, "dlq", pattern]),
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
+                bind(q.clone(), cfg.dead_letter_exchange.clone(), pattern.clone()).await?;
+                Ok(q)
+            }
+            Source::Inbox { queue } => {
+                let mut args = FieldTable::default();
+                let ms = u32::try_from(cfg.reply_queue_expires.as_millis()).unwrap_or(u32::MAX);
+                args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+                declare(queue.clone(), durable, args).await
+            }
+        }
+    }
+
+    fn request_queue(&self, pattern: &str) -> String {
+        queue_name(&[&self.cfg.prefix, "req", pattern])
+    }
+}
+
+/// What a subscription reads.
+#[derive(Debug, Clone)]
+enum Source {
+    Event { pattern: String, group: String },
+    Request { pattern: String },
+    DeadLetter { pattern: String },
+    Inbox { queue: String },
+}
+
+impl Source {
+    fn pattern(&self) -> &str {
+        match self {
+            Source::Event { pattern, .. }
+            | Source::Request { pattern }
+            | Source::DeadLetter { pattern } => pattern,
+            Source::Inbox { .. } => "",
+        }
+    }
+
+    /// Replies are settled on receipt; everything else is acknowledged after handling.
+    fn no_ack(&self) -> bool {
+        matches!(self, Source::Inbox { .. } | Source::Request { .. })
+    }
+}
+
+/// Opens a channel, declares what `source` needs and starts consuming.
+async fn start_consumer(
+    inner: &Arc<Inner>,
+    source: &Source,
+    prefetch: usize,
+) -> Result<(Channel, lapin::Consumer, String)> {
+    let s = inner.session().await?;
+    let ch = s
+        .conn
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error("open a channel", e))?;
+    ch.basic_qos(
+        u16::try_from(prefetch).unwrap_or(u16::MAX).max(1),
+        BasicQosOptions::default(),
+    )
+    .await
+    .map_err(|e| amqp_error("set the prefetch", e))?;
+    let queue = inner.declare(&ch, source).await?;
+    let consumer = ch
+        .basic_consume(
+            short(&queue)?,
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: source.no_ack(),
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error(&format!("consume from `{queue}`"), e))?;
+    Ok((ch, consumer, queue))
+}
+
+/// A subscription that survives reconnects: the first consumer is started before this
+/// returns (so the queue exists and is bound), later ones after each lost connection.
+async fn subscription(inner: Arc<Inner>, source: Source, prefetch: usize) -> Result<Subscription> {
+    let first = start_consumer(&inner, &source, prefetch).await?;
+    let (tx, rx) = mpsc::channel::<Delivery>(prefetch.max(1));
+    tokio::spawn(async move {
+        let mut current = Some(first);
+        loop {
+            let (ch, mut consumer, queue) = match current.take() {
+                Some(c) => c,
+                None => {
+                    if inner.session_wait().await.is_none() {
+                        break;
+                    }
+                    match start_consumer(&inner, &source, prefetch).await {
+                        Ok(c) => {
+                            tracing::info!(source = ?source, "RabbitMQ subscription resumed");
+                            c
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "RabbitMQ resubscribe failed; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                                _ = inner.closed.cancelled() => break,
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let stopped = loop {
+                let next = tokio::select! {
+                    n = consumer.next() => n,
+                    _ = tx.closed() => break true,
+                    _ = inner.closed.cancelled() => break true,
+                };
+                let d = match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, %queue, "RabbitMQ consumer failed; resubscribing");
+                        break false;
+                    }
+                    None => break false,
+                };
+                let delivery = to_delivery(&inner, &source, &queue, d);
+                if tx.send(delivery).await.is_err() {
+                    break true;
+                }
+            };
+            if stopped {
+                // Unsettled deliveries of this channel go back to the queue at once.
+                let _ = ch.close(200, "subscription closed".into()).await;
+                break;
+            }
+        }
+    });
+    Ok(Subscription::new(futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|d| (d, rx)) },
+    )))
+}
+
+fn to_delivery(
+    inner: &Arc<Inner>,
+    source: &Source,
+    queue: &str,
+    d: lapin::message::Delivery,
+) -> Delivery {
+    let lapin::message::Delivery {
+        properties,
+        data,
+        acker,
+        redelivered,
+        ..
+    } = d;
+    if source.no_ack() {
+        let mut d = delivery_from(&properties, data, source.pattern(), 1, Box::new(NoAck));
+        if let Some(r) = properties.reply_to() {
+            // The AMQP reply-to is where the answer must go, whatever a header says.
+            d.envelope.reply_to = Some(r.as_str().to_owned());
+        }
+        return d;
+    }
+    let attempt = match delivery_count(&properties) {
+        Some(n) => n.saturating_add(1),
+        None => 1 + u32::from(redelivered),
+    };
+    let _ = (inner, queue);
+    let acker = Box::new(RabbitAcker { acker: Some(acker) });
+    delivery_from(&properties, data, source.pattern(), attempt, acker)
+}
+
+/// Acknowledges one AMQP delivery. A rejected delivery goes back to its queue after the
+/// delay (the broker counts the delivery); an unsettled one goes back at once when dropped.
+struct RabbitAcker {
+    acker: Option<lapin::Acker>,
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        match self.acker.take() {
+            Some(a) => a
+                .ack(BasicAckOptions::default())
+                .await
+                .map(|_| ())
+                .map_err(|e| amqp_error("acknowledge", e)),
+            None => Ok(()),
+        }
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
+        let Some(a) = self.acker.take() else {
+            return Ok(());
+        };
+        // The delivery is held (and counts against the prefetch) during the delay, then
+        // requeued; if the connection drops meanwhile the broker requeues it anyway.
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = a
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        });
+        Ok(())
+    }
+}
+
+impl Drop for RabbitAcker {
+    fn drop(&mut self) {
+        if let Some(a) = self.acker.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = a
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for RabbitTransport {
+    async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
+        let inner = &self.inner;
+        if msg.payload.len() > inner.cfg.max_payload {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                NAME,
+                format!(
+                    "payload of {} bytes exceeds the limit of {} bytes",
+                    msg.payload.len(),
+                    inner.cfg.max_payload
+                ),
+            ));
+        }
+        let s = inner.session().await?;
+        match route {
+            Route::Event(pattern) => {
+                let props = properties(&msg, true);
+                confirmed(
+                    &s.confirm,
+                    &inner.cfg.exchange,
+                    pattern,
+                    false,
+                    &msg.payload,
+                    props,
+                )
+                .await
+            }
+            Route::DeadLetter(pattern) => {
+                let props = properties(&msg, true);
+                confirmed(
+                    &s.confirm,
+                    &inner.cfg.dead_letter_exchange,
+                    pattern,
+                    false,
+                    &msg.payload,
+                    props,
+                )
+                .await
+            }
+            Route::Request(pattern) => {
+                // Mandatory: a request no queue takes comes back, as no responder.
+                let props = with_expiration(properties(&msg, false), &msg);
+                confirmed(
+                    &s.confirm,
+                    "",
+                    &inner.request_queue(pattern),
+                    true,
+                    &msg.payload,
+                    props,
+                )
+                .await
+            }
+            Route::Reply(address) => {
+                let props = properties(&msg, false);
+                s.fast
+                    .basic_publish(
+                        "".into(),
+                        short(address)?,
+                        BasicPublishOptions::default(),
+                        &msg.payload,
+                        props,
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| amqp_error("publish a reply", e))
+            }
+        }
+    }
+}
+
+/// The request's remaining time as its AMQP expiration, so the broker drops it unread once
+/// it is worthless.
+fn with_expiration(props: BasicProperties, msg: &Envelope) -> BasicProperties {
+    match msg.time_left() {
+        Some(left) => props.with_expiration(left.as_millis().max(1).to_string().into()),
+        None => props,
+    }
+}
+
+#[async_trait]
+impl Subscriber for RabbitTransport {
+    async fn subscribe(&self, route: Route<'_>, opts: SubscribeOptions) -> Result<Subscription> {
+        let source = match route {
+            Route::Event(pattern) => Source::Event {
+                pattern: pattern.to_owned(),
+                group: opts.group.clone().ok_or_else(|| {
+                    Error::invalid_config(
+                        NAME,
+                        format!("subscribing to events on `{pattern}` needs a consumer group"),
+                    )
+                })?,
+            },
+            Route::Request(pattern) => Source::Request {
+                pattern: pattern.to_owned(),
+            },
+            Route::DeadLetter(pattern) => Source::DeadLetter {
+                pattern: pattern.to_owned(),
+            },
+            Route::Reply(address) => {
+                return Err(Error::invalid_config(
+                    NAME,
+                    format!("reply address `{address}` is read through open_inbox"),
+                ));
+            }
+        };
+        subscription(self.inner.clone(), source, opts.prefetch).await
+    }
+
+    async fn open_inbox(&self, name: &str) -> Result<Inbox> {
+        let queue = queue_name(&[&self.inner.cfg.prefix, "reply", name]);
+        let sub = subscription(
+            self.inner.clone(),
+            Source::Inbox {
+                queue: queue.clone(),
+            },
+            1000,
+        )
+        .await?;
+        self.inner
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(queue.clone());
+        Ok(Inbox::new(queue, sub).with_connection_lost(self.inner.lost.subscribe()))
+    }
+}
+
+/// Removes a `send`'s waiter when the call ends, however it ends.
+struct CallGuard<'a> {
+    calls: &'a DashMap<String, oneshot::Sender<Envelope>>,
+    id: String,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.calls.remove(&self.id);
+    }
+}
+
+#[async_trait]
+impl Requester for RabbitTransport {
+    async fn call(&self, pattern: &str, msg: Envelope, deadline: Instant) -> Result<Envelope> {
+        let inner = &self.inner;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let s = match tokio::time::timeout_at(deadline, inner.session()).await {
+            Ok(s) => s?,
+            Err(_) => return Err(Error::timeout(NAME, timeout)),
+        };
+        let id = msg
+            .correlation_id
+            .map(|c| c.to_string())
+            .ok_or_else(|| Error::invalid_config(NAME, "a request needs a correlation id"))?;
+        let (tx, mut rx) = oneshot::channel();
+        inner.calls.insert(id.clone(), tx);
+        let _guard = CallGuard {
+            calls: &inner.calls,
+            id,
+        };
+        let mut props = with_expiration(properties(&msg, false), &msg);
+        props = props.with_reply_to(DIRECT_REPLY_TO.into());
+        let confirm = s
+            .rpc
+            .basic_publish(
+                "".into(),
+                short(&inner.request_queue(pattern))?,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &msg.payload,
+                props,
+            )
+            .await
+            .map_err(|e| amqp_error("publish a request", e))?;
+        tokio::pin!(confirm);
+        let mut confirmed = false;
+        loop {
+            tokio::select! {
+                c = &mut confirm, if !confirmed => {
+                    confirmed = true;
+                    match c {
+                        Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {}
+                        Ok(Confirmation::Ack(Some(_))) => {
+                            return Err(Error::new(
+                                ErrorKind::NoResponder,
+                                NAME,
+                                format!("no handler is serving `{pattern}`"),
+                            ));
+                        }
+                        Ok(Confirmation::Nack(_)) => {
+                            return Err(Error::new(
+                                ErrorKind::Rejected,
+                                NAME,
+                                format!("the broker refused the request to `{pattern}` (nack)"),
+                            ));
+                        }
+                        Err(e) => return Err(amqp_error("confirm a request", e)),
+                    }
+                }
+                r = &mut rx => {
+                    return r.map_err(|_| {
+                        Error::new(
+                            ErrorKind::Connection,
+                            NAME,
+                            "connection to RabbitMQ lost while waiting for the reply; the request may or may not have been handled",
+                        )
+                    });
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::timeout(NAME, timeout));
+                }
+            }
+        }
+    }
+
+    fn late_replies(&self) -> u64 {
+        self.inner.late.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl Transport for RabbitTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(self.inner.cfg.max_payload)
+            .native_request(true)
+            .detects_no_responder(true)
+            .redelivery_on_nack(true)
+            .durable(true)
+    }
+
+    fn requester(&self) -> Option<&dyn Requester> {
+        Some(self)
+    }
+
+    async fn close(&self) -> Result<()> {
+        let session = self.inner.current();
+        self.inner.closed.cancel();
+        let Some(s) = session else { return Ok(()) };
+        let queues =
+            std::mem::take(&mut *self.inner.inboxes.lock().unwrap_or_else(|p| p.into_inner()));
+        for q in queues {
+            if let Ok(name) = short(&q) {
+                let _ = s
+                    .fast
+                    .queue_delete(name, QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            s.conn.close(200, "client shutdown".into()),
+        )
+        .await
+        {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(e)) => Err(amqp_error("close the connection", e)),
+        }
+    }
+}
