@@ -157,10 +157,7 @@ mod tests {
                 "unknown transport scheme `carrier-pigeon`",
             ),
             ("kafka://127.0.0.1:9092", "needs cargo feature `kafka`"),
-            (
-                "amqp://guest:guest@127.0.0.1",
-                "needs cargo feature `rabbitmq`",
-            ),
+            ("sqs://127.0.0.1:5000", "needs cargo feature `sns-sqs`"),
             ("memory://?timeout_ms=soon", "timeout_ms"),
             ("memory://?timeout_ms=0", "timeout_ms"),
             ("memory://?bogus=1", "unknown option `bogus`"),
@@ -168,6 +165,27 @@ mod tests {
             let err = connect(url).await.expect_err(url);
             assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
             assert!(err.to_string().contains(needle), "{url}: {err}");
+        }
+    }
+
+    /// A broker that is not there is a `Connection` error naming it, quickly, and the
+    /// password given in the URL appears nowhere in the message.
+    #[tokio::test]
+    async fn unreachable_brokers_are_connection_errors_without_secrets() {
+        let mut urls: Vec<&str> = Vec::new();
+        if cfg!(feature = "nats") {
+            urls.push("nats://ada:hunter2@127.0.0.1:1?connect_timeout_ms=2000");
+        }
+        if cfg!(feature = "rabbitmq") {
+            urls.push("amqp://ada:hunter2@127.0.0.1:1/%2f?connect_timeout_ms=2000");
+        }
+        for url in urls {
+            let started = std::time::Instant::now();
+            let err = connect(url).await.expect_err(url);
+            assert_eq!(err.kind(), ErrorKind::Connection, "{url}: {err}");
+            assert!(err.is_retryable(), "{err}");
+            assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "{url}");
         }
     }
 

@@ -238,7 +238,20 @@ where
     match within_for(Duration::from_secs(240), case, f(harness)).await {
         Outcome::Passed => {}
         Outcome::Skipped(why) => {
-            eprintln!("SKIPPED conformance case `{case}` on `{name}`: {why}");
+            let line = format!("SKIPPED conformance case `{case}` on `{name}`: {why}");
+            eprintln!("{line}");
+            // The test script collects skips here and prints them with its total, since
+            // cargo test hides what passing tests print.
+            if let Ok(path) = std::env::var("SB_SKIP_LOG") {
+                use std::io::Write;
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
         }
     }
 }
