@@ -185,7 +185,10 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::Connection, "{url}: {err}");
             assert!(err.is_retryable(), "{err}");
             assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
-            assert!(started.elapsed() < std::time::Duration::from_secs(5), "{url}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{url}"
+            );
         }
     }
 

@@ -1,0 +1,134 @@
+//! The server side as a separate process: the bench starts itself with `--serve <system>`,
+//! the child prints `ready` once its handlers are subscribed, then `progress <n>` twice a
+//! second and `counted <n>` when all expected events arrived. It exits when its stdin closes
+//! (the parent is gone) or when killed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+/// A server process and what it reports.
+pub(crate) struct ChildServer {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    last: u64,
+}
+
+impl ChildServer {
+    /// Starts `--serve system` for `transport` at `url`, expecting `events` events, and waits
+    /// (at most 60 s) until it is ready.
+    pub(crate) async fn spawn(system: &str, transport: &str, url: &str, events: u64) -> Self {
+        let exe = std::env::current_exe().expect("own path");
+        let mut child = Command::new(exe)
+            .args([
+                "--serve",
+                system,
+                "--transport",
+                transport,
+                "--url",
+                url,
+                "--expect-events",
+                &events.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the server process");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = ChildServer {
+            child,
+            lines: rx,
+            last: 0,
+        };
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(l) = server.lines.recv().await {
+                if l == "ready" {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(
+            matches!(ready, Ok(true)),
+            "the {system} server process for {transport} did not get ready"
+        );
+        server
+    }
+
+    /// Waits until the server counted `total` events or `limit` passed; returns its count.
+    pub(crate) async fn counted(&mut self, total: u64, limit: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.last < total {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(l)) => {
+                    if let Some(n) = l
+                        .strip_prefix("counted ")
+                        .or_else(|| l.strip_prefix("progress "))
+                        .and_then(|n| n.parse().ok())
+                    {
+                        self.last = n;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.last
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In the server process: prints a line for the parent at once.
+pub(crate) fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// In the server process: exits when the parent closes stdin; reports the count of events
+/// twice a second and when all expected events arrived.
+pub(crate) fn watch(counted: Arc<AtomicU64>, all: Arc<Notify>) {
+    std::thread::spawn(|| {
+        let mut buf = String::new();
+        while std::io::stdin()
+            .read_line(&mut buf)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            buf.clear();
+        }
+        std::process::exit(0);
+    });
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = all.notified() => {
+                    say(&format!("counted {}", counted.load(Ordering::Relaxed)));
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    say(&format!("progress {}", counted.load(Ordering::Relaxed)));
+                }
+            }
+        }
+    });
+}

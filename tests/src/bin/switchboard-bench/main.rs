@@ -1,0 +1,277 @@
+//! The benchmark program for the workloads in docs/benchmarks.md, switchboard beside the raw
+//! client of the same transport in the same run, interleaved, reported as ratios.
+//!
+//! Run (an optimised build; numbers from a debug build mean nothing):
+//!
+//! ```text
+//! cargo run --profile bench-release -p switchboard-conformance --bin switchboard-bench -- \
+//!     --transport nats --runs 5 --out bench-nats.jsonl
+//! ```
+//!
+//! Output: one JSON object per line and figure (median over runs, with min and max), with
+//! `"system":"switchboard"` or `"system":"raw"`, then a table with the ratio switchboard/raw.
+//!
+//! For a broker the responder and the event consumer run in a second process (this program
+//! started with `--serve`), one per run and side; the raw side is the broker's own Rust client
+//! (async-nats, lapin) doing the same work. For `memory` the raw side is plain tokio channels
+//! and both sides run in one process (an in-memory transport cannot cross processes).
+
+mod child;
+mod memory;
+#[cfg(feature = "nats")]
+mod nats;
+#[cfg(feature = "rabbitmq")]
+mod rabbitmq;
+mod sb;
+mod workload;
+
+use std::io::Write;
+
+use clap::Parser;
+use serde::Serialize;
+
+use crate::child::ChildServer;
+use crate::workload::{Counter, Counts, Figure};
+
+#[derive(Parser, Debug)]
+#[command(about = "switchboard benchmarks beside the raw client, as JSON lines and a ratio table")]
+struct Args {
+    /// Transport to measure: memory, nats, rabbitmq.
+    #[arg(long, default_value = "memory")]
+    transport: String,
+    /// The broker's URL (default: the local broker of the transport).
+    #[arg(long)]
+    url: Option<String>,
+    /// Runs per workload; figures are medians over runs.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Where to write the JSON lines.
+    #[arg(long, default_value = "bench-results.jsonl")]
+    out: String,
+    /// Scale every workload's message count by this factor (for quick checks).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Measure only one side (for profiling): `switchboard` or `raw`. The ratio table needs both.
+    #[arg(long)]
+    only: Option<String>,
+    /// Internal: run as the server process of `switchboard` or `raw`.
+    #[arg(long, hide = true)]
+    serve: Option<String>,
+    /// Internal: how many events the server process should expect.
+    #[arg(long, hide = true, default_value_t = 0)]
+    expect_events: u64,
+}
+
+/// The default URL of each transport: the local brokers the test script starts. NATS gets a
+/// stream and subjects of its own, kept ten minutes, so benchmark events do not pile up.
+fn default_url(transport: &str) -> Option<&'static str> {
+    Some(match transport {
+        "memory" => "memory://bench",
+        "nats" => {
+            "nats://127.0.0.1:4222?prefix=sbbench&stream=SWITCHBOARD_BENCH&dlq_stream=SWITCHBOARD_BENCH_DLQ&retention_ms=600000"
+        }
+        "rabbitmq" => "amqp://guest:guest@127.0.0.1:5672/%2f",
+        _ => return None,
+    })
+}
+
+fn compiled(transport: &str) -> bool {
+    match transport {
+        "memory" => true,
+        "nats" => cfg!(feature = "nats"),
+        "rabbitmq" => cfg!(feature = "rabbitmq"),
+        _ => false,
+    }
+}
+
+/// The server process: handlers of one side, until the parent goes away.
+async fn serve(system: &str, transport: &str, url: &str, total: u64) {
+    let (counted, all) = workload::local_counter();
+    let keep = match system {
+        "switchboard" => Some(sb::serve(url, counted.clone(), all.clone(), total).await),
+        "raw" => {
+            match transport {
+                #[cfg(feature = "nats")]
+                "nats" => nats::serve(url, counted.clone(), all.clone(), total).await,
+                #[cfg(feature = "rabbitmq")]
+                "rabbitmq" => rabbitmq::serve(url, counted.clone(), all.clone(), total).await,
+                other => panic!("no raw server for `{other}`"),
+            }
+            None
+        }
+        other => panic!("--serve takes switchboard or raw, not `{other}`"),
+    };
+    child::watch(counted, all);
+    child::say("ready");
+    std::future::pending::<()>().await;
+    drop(keep);
+}
+
+/// One run of one side against a broker: a fresh server process, then the client workloads.
+async fn broker_run(system: &str, transport: &str, url: &str, c: &Counts) -> Vec<Figure> {
+    let server = ChildServer::spawn(system, transport, url, c.events).await;
+    let mut counter = Counter::Child(server);
+    match (system, transport) {
+        ("switchboard", _) => sb::run(url, c, &mut counter).await,
+        #[cfg(feature = "nats")]
+        ("raw", "nats") => nats::run(url, c, &mut counter).await,
+        #[cfg(feature = "rabbitmq")]
+        ("raw", "rabbitmq") => rabbitmq::run(url, c, &mut counter).await,
+        (s, t) => panic!("no {s} client for `{t}`"),
+    }
+}
+
+async fn run_side(system: &str, transport: &str, url: &str, run: usize, c: &Counts) -> Vec<Figure> {
+    if transport == "memory" {
+        if system == "raw" {
+            return memory::raw_run(c).await;
+        }
+        let url = format!("{url}-{run}");
+        let (counted, all) = workload::local_counter();
+        let (server, _events) = sb::serve(&url, counted.clone(), all.clone(), c.events).await;
+        let mut counter = Counter::Local(counted, all);
+        let figs = sb::run(&url, c, &mut counter).await;
+        server.shutdown().await.expect("shutdown");
+        return figs;
+    }
+    broker_run(system, transport, url, c).await
+}
+
+// ---------------------------------------------------------------- report
+
+#[derive(Serialize)]
+struct Line<'a> {
+    system: &'a str,
+    transport: &'a str,
+    workload: &'a str,
+    unit: &'a str,
+    value: f64,
+    runs: usize,
+    min: f64,
+    max: f64,
+}
+
+fn summarize(runs: &[Vec<Figure>]) -> Vec<(Figure, f64, f64)> {
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let mut vals: Vec<f64> = runs.iter().map(|r| r[i].value).collect();
+            vals.sort_by(f64::total_cmp);
+            let median = if vals.len() % 2 == 1 {
+                vals[vals.len() / 2]
+            } else {
+                (vals[vals.len() / 2 - 1] + vals[vals.len() / 2]) / 2.0
+            };
+            (
+                Figure {
+                    value: median,
+                    ..*f
+                },
+                vals[0],
+                vals[vals.len() - 1],
+            )
+        })
+        .collect()
+}
+
+fn main() {
+    let args = Args::parse();
+    if !compiled(&args.transport) {
+        eprintln!(
+            "transport `{}` is not available in this build of the bench (known: memory, nats, rabbitmq; brokers need the crate features of the same name)",
+            args.transport
+        );
+        std::process::exit(2);
+    }
+    let url = args
+        .url
+        .clone()
+        .or_else(|| default_url(&args.transport).map(str::to_owned))
+        .expect("a URL");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Some(system) = args.serve.as_deref() {
+        rt.block_on(serve(system, &args.transport, &url, args.expect_events));
+        return;
+    }
+    let (sb, raw) = match args.only.as_deref() {
+        None => (true, true),
+        Some("switchboard") => (true, false),
+        Some("raw") => (false, true),
+        Some(other) => {
+            eprintln!("--only takes `switchboard` or `raw`, not `{other}`");
+            std::process::exit(2);
+        }
+    };
+    let counts = Counts::scaled(args.scale);
+    let mut sb_runs = Vec::new();
+    let mut raw_runs = Vec::new();
+    rt.block_on(async {
+        for run in 0..args.runs {
+            // Interleave, alternating which side goes first.
+            let order: [&str; 2] = if run % 2 == 0 {
+                ["switchboard", "raw"]
+            } else {
+                ["raw", "switchboard"]
+            };
+            for system in order {
+                match system {
+                    "switchboard" if sb => {
+                        sb_runs.push(run_side(system, &args.transport, &url, run, &counts).await)
+                    }
+                    "raw" if raw => {
+                        raw_runs.push(run_side(system, &args.transport, &url, run, &counts).await)
+                    }
+                    _ => {}
+                }
+            }
+            eprintln!("run {}/{} done", run + 1, args.runs);
+        }
+    });
+    let sb = summarize(&sb_runs);
+    let raw = summarize(&raw_runs);
+    let mut out = std::fs::File::create(&args.out).expect("create output file");
+    for (system, rows) in [("switchboard", &sb), ("raw", &raw)] {
+        for (f, min, max) in rows {
+            let line = Line {
+                system,
+                transport: &args.transport,
+                workload: f.workload,
+                unit: f.unit,
+                value: (f.value * 10.0).round() / 10.0,
+                runs: args.runs,
+                min: (min * 10.0).round() / 10.0,
+                max: (max * 10.0).round() / 10.0,
+            };
+            writeln!(out, "{}", serde_json::to_string(&line).expect("json")).expect("write");
+        }
+    }
+    println!(
+        "| transport | workload | unit | switchboard (median, min–max) | raw (median, min–max) | switchboard/raw | better is |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for ((s, smin, smax), (r, rmin, rmax)) in sb.iter().zip(raw.iter()) {
+        println!(
+            "| {} | {} | {} | {:.1} ({:.1}–{:.1}) | {:.1} ({:.1}–{:.1}) | {:.2} | {} |",
+            args.transport,
+            s.workload,
+            s.unit,
+            s.value,
+            smin,
+            smax,
+            r.value,
+            rmin,
+            rmax,
+            s.value / r.value,
+            if s.lower_is_better { "lower" } else { "higher" }
+        );
+    }
+    println!("(gateway_added_latency: not applicable until the gateway exists)");
+    eprintln!("wrote {}", args.out);
+}
