@@ -6,7 +6,7 @@ use std::str::FromStr;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use switchboard_core::transport::{Acker, Delivery};
-use switchboard_core::{Error, Result};
+use switchboard_core::{Envelope, Error, Result, header};
 
 use crate::NAME;
 
@@ -37,6 +37,107 @@ pub(crate) fn header_map<'a>(
     Ok(map)
 }
 
+/// Envelope fields the NATS message itself already carries, left out of its headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct InSubject {
+    /// The pattern is the subject after `<prefix>.evt.` / `<prefix>.req.`.
+    pub(crate) pattern: bool,
+    /// The reply address is the NATS reply subject.
+    pub(crate) reply_to: bool,
+    /// The correlation id is a token of the (reply) subject.
+    pub(crate) correlation_id: bool,
+}
+
+/// NATS headers for `env`. Reserved names are static (no allocation, no validation); user
+/// headers and the content type, which come from callers, are validated.
+pub(crate) fn envelope_headers(env: &Envelope, carried: InSubject) -> Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    map.insert(
+        HeaderName::from_static(header::ID),
+        HeaderValue::from(env.id.to_string()),
+    );
+    map.insert(
+        HeaderName::from_static(header::SPEC_VERSION),
+        HeaderValue::from("1.0"),
+    );
+    if !carried.pattern {
+        map.insert(
+            HeaderName::from_static(header::PATTERN),
+            HeaderValue::from(env.pattern.as_str()),
+        );
+    }
+    if let Some(ct) = &env.content_type {
+        map.insert(
+            HeaderName::from_static(header::CONTENT_TYPE),
+            checked_value(header::CONTENT_TYPE, ct)?,
+        );
+    }
+    if let (Some(c), false) = (&env.correlation_id, carried.correlation_id) {
+        map.insert(
+            HeaderName::from_static(header::CORRELATION_ID),
+            HeaderValue::from(c.to_string()),
+        );
+    }
+    if let Some(c) = &env.causation_id {
+        map.insert(
+            HeaderName::from_static(header::CAUSATION_ID),
+            HeaderValue::from(c.to_string()),
+        );
+    }
+    if let (Some(r), false) = (&env.reply_to, carried.reply_to) {
+        map.insert(
+            HeaderName::from_static(header::REPLY_TO),
+            checked_value(header::REPLY_TO, r)?,
+        );
+    }
+    if let Some(d) = env.deadline {
+        let ms = switchboard_core::envelope::system_time_to_millis(d);
+        map.insert(
+            HeaderName::from_static(header::DEADLINE),
+            HeaderValue::from(ms),
+        );
+    }
+    if let Some(k) = &env.key {
+        map.insert(
+            HeaderName::from_static(header::KEY),
+            checked_value(header::KEY, k)?,
+        );
+    }
+    if let Some(e) = &env.error {
+        map.insert(
+            HeaderName::from_static(header::ERROR_CODE),
+            checked_value(header::ERROR_CODE, &e.code)?,
+        );
+        // A message may hold anything: line breaks become spaces rather than fail the reply.
+        map.insert(
+            HeaderName::from_static(header::ERROR_MESSAGE),
+            HeaderValue::from(e.message.replace(['\r', '\n'], " ")),
+        );
+    }
+    for (k, v) in &env.headers {
+        let name = HeaderName::from_str(k).map_err(|_| {
+            Error::invalid_config(
+                NAME,
+                format!(
+                    "header name `{}` cannot be carried by NATS",
+                    k.escape_default()
+                ),
+            )
+        })?;
+        map.insert(name, checked_value(k, v)?);
+    }
+    Ok(map)
+}
+
+fn checked_value(name: &str, v: &str) -> Result<HeaderValue> {
+    HeaderValue::from_str(v).map_err(|_| {
+        Error::invalid_config(
+            NAME,
+            format!("the value of header `{name}` cannot be carried by NATS (line break)"),
+        )
+    })
+}
+
 /// A delivery from a NATS message's headers and payload ([`Delivery::decode`]).
 pub(crate) fn delivery_from(
     headers: &Option<HeaderMap>,
@@ -65,8 +166,7 @@ mod tests {
             .with_header("x-tenant", "acme");
         env.correlation_id = Some(CorrelationId::new());
         env.key = Some("k1".into());
-        let headers = env.to_headers();
-        let map = header_map(headers.iter().map(|(k, v)| (*k, v.as_str()))).expect("maps");
+        let map = envelope_headers(&env, InSubject::default()).expect("maps");
         let (back, _, malformed, _) =
             delivery_from(&Some(map), env.payload.clone(), "x", 1, Box::new(NoAck)).into_parts();
         assert!(malformed.is_none());
@@ -78,6 +178,25 @@ mod tests {
             back.headers.get("x-tenant").map(String::as_str),
             Some("acme")
         );
+    }
+
+    #[test]
+    fn fields_the_subject_carries_are_left_out() {
+        let mut env = Envelope::new("users.get", Bytes::new());
+        env.correlation_id = Some(CorrelationId::new());
+        env.reply_to = Some("_SB_INBOX.x".into());
+        let all = InSubject {
+            pattern: true,
+            reply_to: true,
+            correlation_id: true,
+        };
+        let map = envelope_headers(&env, all).expect("maps");
+        for name in [header::PATTERN, header::REPLY_TO, header::CORRELATION_ID] {
+            assert!(map.get(name).is_none(), "{name}");
+        }
+        assert!(map.get(header::ID).is_some());
+        let bad = Envelope::new("p", Bytes::new()).with_header("x-evil", "a\r\nb");
+        assert!(envelope_headers(&bad, all).is_err());
     }
 
     #[test]

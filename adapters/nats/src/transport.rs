@@ -19,9 +19,11 @@ use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::NAME;
-use crate::codec::{delivery_from, header_map};
+use crate::codec::{InSubject, delivery_from, envelope_headers, header_map};
 use crate::config::{EventMode, NatsConfig};
 
+/// First part of every client inbox subject.
+const INBOX_PREFIX: &str = "_SB_INBOX.";
 /// Queue group every request handler of a pattern joins, so they compete.
 const REQUEST_GROUP: &str = "sb-handlers";
 /// Bound on one JetStream pull; also the delay a draining member puts on the messages it
@@ -186,7 +188,9 @@ impl NatsTransport {
         match self.inner.cfg.events {
             EventMode::JetStream => {
                 self.inner.ensure_streams().await?;
-                self.inner.js_publish(subject, map, payload).await
+                self.inner
+                    .js_publish(subject, || Ok(map.clone()), payload)
+                    .await
             }
             EventMode::Core => {
                 self.inner
@@ -263,37 +267,41 @@ impl Inner {
         }
     }
 
+    /// Publishes to JetStream and waits for the stream's ack. `headers` is called again
+    /// only in the rare case the stream has to be (re)created first.
     async fn js_publish(
         &self,
         subject: String,
-        headers: async_nats::HeaderMap,
+        headers: impl Fn() -> Result<async_nats::HeaderMap>,
         payload: Bytes,
     ) -> Result<()> {
-        match self.js_publish_once(&subject, &headers, &payload).await {
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+        let first = async {
+            self.js
+                .publish_with_headers(subject.clone(), headers()?, payload.clone())
+                .await
+                .map_err(publish_error_raw)?
+                .await
+                .map_err(publish_error_raw)
+        };
+        match first.await {
+            Ok(_) => Ok(()),
+            Err(Failed::Publish(e))
+                if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
+            {
                 // JetStream still starting after a server restart, or the stream was
                 // deleted: (re)create it and try once more.
                 self.create_streams().await?;
-                self.js_publish_once(&subject, &headers, &payload)
+                self.js
+                    .publish_with_headers(subject, headers()?, payload)
                     .await
-                    .map_err(publish_error)
+                    .map_err(publish_error)?
+                    .await
+                    .map_err(publish_error)?;
+                Ok(())
             }
-            r => r.map_err(publish_error),
+            Err(Failed::Publish(e)) => Err(publish_error(e)),
+            Err(Failed::Other(e)) => Err(e),
         }
-    }
-
-    async fn js_publish_once(
-        &self,
-        subject: &str,
-        headers: &async_nats::HeaderMap,
-        payload: &Bytes,
-    ) -> std::result::Result<(), jetstream::context::PublishError> {
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_owned(), headers.clone(), payload.clone())
-            .await?;
-        ack.await?;
-        Ok(())
     }
 
     async fn pull_consumer(
@@ -365,6 +373,22 @@ fn js_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Er
     .with_source(e)
 }
 
+/// A first publish attempt's failure: JetStream's own error (to look at its kind) or ours.
+enum Failed {
+    Publish(jetstream::context::PublishError),
+    Other(Error),
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Self {
+        Failed::Other(e)
+    }
+}
+
+fn publish_error_raw(e: jetstream::context::PublishError) -> Failed {
+    Failed::Publish(e)
+}
+
 fn publish_error(e: jetstream::context::PublishError) -> Error {
     use jetstream::context::PublishErrorKind as K;
     let kind = match e.kind() {
@@ -395,15 +419,25 @@ impl Publisher for NatsTransport {
         match route {
             Route::Event(pattern) => {
                 let subject = inner.cfg.event_subject(pattern);
-                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                let carried = InSubject {
+                    pattern: true,
+                    ..Default::default()
+                };
                 match inner.cfg.events {
                     EventMode::JetStream => {
                         inner.ensure_streams().await?;
-                        inner.js_publish(subject, headers, msg.payload).await
+                        let headers = || envelope_headers(&msg, carried);
+                        inner
+                            .js_publish(subject, headers, msg.payload.clone())
+                            .await
                     }
                     EventMode::Core => inner
                         .client
-                        .publish_with_headers(subject, headers, msg.payload)
+                        .publish_with_headers(
+                            subject,
+                            envelope_headers(&msg, carried)?,
+                            msg.payload,
+                        )
                         .await
                         .map_err(|e| conn_error("publish", e)),
                 }
@@ -430,7 +464,14 @@ impl Publisher for NatsTransport {
                     Some(id) => format!("{reply_to}.{id}.{pattern}"),
                     None => reply_to.to_owned(),
                 };
-                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                let headers = envelope_headers(
+                    &msg,
+                    InSubject {
+                        pattern: true,
+                        reply_to: true,
+                        correlation_id: false,
+                    },
+                )?;
                 inner
                     .client
                     .publish_with_reply_and_headers(
@@ -443,7 +484,16 @@ impl Publisher for NatsTransport {
                     .map_err(|e| conn_error("publish", e))
             }
             Route::Reply(address) => {
-                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                // Replies to this SDK's inboxes carry the correlation id in their subject;
+                // replies to anyone else keep it as a header.
+                let headers = envelope_headers(
+                    &msg,
+                    InSubject {
+                        pattern: true,
+                        reply_to: true,
+                        correlation_id: address.starts_with(INBOX_PREFIX),
+                    },
+                )?;
                 inner
                     .client
                     .publish_with_headers(address.to_owned(), headers, msg.payload)
@@ -452,9 +502,13 @@ impl Publisher for NatsTransport {
             }
             Route::DeadLetter(pattern) => {
                 inner.ensure_streams().await?;
-                let headers = header_map(msg.to_headers().iter().map(|(k, v)| (*k, v.as_str())))?;
+                let headers = || envelope_headers(&msg, InSubject::default());
                 inner
-                    .js_publish(inner.cfg.dead_letter_subject(pattern), headers, msg.payload)
+                    .js_publish(
+                        inner.cfg.dead_letter_subject(pattern),
+                        headers,
+                        msg.payload.clone(),
+                    )
                     .await
             }
         }
@@ -553,7 +607,7 @@ impl Subscriber for NatsTransport {
         if self.inner.closed.is_cancelled() {
             return Err(Error::closed(NAME));
         }
-        let address = format!("_SB_INBOX.{}", name.replace(['.', '*', '>', ' '], "_"));
+        let address = format!("{INBOX_PREFIX}{}", name.replace(['.', '*', '>', ' '], "_"));
         let sub = self
             .inner
             .client

@@ -76,12 +76,9 @@ fn default_url(transport: &str) -> Option<&'static str> {
 }
 
 fn compiled(transport: &str) -> bool {
-    match transport {
-        "memory" => true,
-        "nats" => cfg!(feature = "nats"),
-        "rabbitmq" => cfg!(feature = "rabbitmq"),
-        _ => false,
-    }
+    transport == "memory"
+        || (transport == "nats" && cfg!(feature = "nats"))
+        || (transport == "rabbitmq" && cfg!(feature = "rabbitmq"))
 }
 
 /// The server process: handlers of one side, until the parent goes away.
