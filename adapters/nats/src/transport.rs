@@ -226,8 +226,12 @@ impl Inner {
     /// Creates the event and dead-letter streams if they do not exist yet (once per
     /// transport).
     async fn ensure_streams(&self) -> Result<()> {
+        if self.streams.initialized() {
+            return Ok(());
+        }
+        // Boxed: stream configurations are large, and every publish future would carry them.
         self.streams
-            .get_or_try_init(|| self.create_streams())
+            .get_or_try_init(|| Box::pin(self.create_streams()))
             .await
             .map(|_| ())
     }
@@ -290,7 +294,7 @@ impl Inner {
             {
                 // JetStream still starting after a server restart, or the stream was
                 // deleted: (re)create it and try once more.
-                self.create_streams().await?;
+                Box::pin(self.create_streams()).await?;
                 self.js
                     .publish_with_headers(subject, headers()?, payload)
                     .await
@@ -503,13 +507,12 @@ impl Publisher for NatsTransport {
             Route::DeadLetter(pattern) => {
                 inner.ensure_streams().await?;
                 let headers = || envelope_headers(&msg, InSubject::default());
-                inner
-                    .js_publish(
-                        inner.cfg.dead_letter_subject(pattern),
-                        headers,
-                        msg.payload.clone(),
-                    )
-                    .await
+                Box::pin(inner.js_publish(
+                    inner.cfg.dead_letter_subject(pattern),
+                    headers,
+                    msg.payload.clone(),
+                ))
+                .await
             }
         }
     }

@@ -318,14 +318,19 @@ impl Client {
     }
 
     async fn correlator(&self) -> Result<&Arc<Correlator>> {
+        if let Some(c) = self.inner.correlator.get() {
+            return Ok(c);
+        }
+        // Boxed: the start-up future is large, and inlining it would make every call's
+        // future (moved on each poll setup) as large.
         self.inner
             .correlator
             .get_or_try_init(|| {
-                Correlator::start(
+                Box::pin(Correlator::start(
                     &self.inner.transport,
                     &self.inner.id,
                     self.inner.counters.clone(),
-                )
+                ))
             })
             .await
     }
