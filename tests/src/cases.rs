@@ -206,6 +206,28 @@ pub async fn send_without_handler_fails_within_the_deadline(h: Harness) -> Outco
         assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
     }
     assert!(err.is_retryable());
+    // The same through `request`: the handle learns it too, before its deadline.
+    let started = std::time::Instant::now();
+    let pending = within(
+        "request",
+        client.request_with::<Item, Item>(&p, &item(2), &CallOptions::new().timeout(timeout)),
+    )
+    .await;
+    let err = match pending {
+        Ok(handle) => within("await the handle", handle)
+            .await
+            .expect_err("nobody answers"),
+        // Detected while publishing.
+        Err(e) => e,
+    };
+    let took = started.elapsed();
+    if h.caps().detects_no_responder {
+        assert_eq!(err.kind(), ErrorKind::NoResponder, "request: {err}");
+        assert!(err.to_string().contains(&p), "request: {err}");
+        assert!(took < timeout, "request: detected before the deadline");
+    } else {
+        assert_eq!(err.kind(), ErrorKind::Timeout, "request: {err}");
+    }
     Outcome::Passed
 }
 

@@ -23,7 +23,7 @@ use switchboard_core::transport::{
     Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Requester, Route, SubscribeOptions,
     Subscriber, Subscription, Transport,
 };
-use switchboard_core::{Envelope, Error, ErrorKind, Result};
+use switchboard_core::{Envelope, Error, ErrorKind, ReplyError, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -55,8 +55,9 @@ struct Inner {
     /// Direct reply-to waiters, by correlation id.
     calls: Arc<DashMap<String, oneshot::Sender<Envelope>>>,
     late: Arc<AtomicU64>,
-    /// Reply queues this client declared, deleted on close.
-    inboxes: Mutex<Vec<String>>,
+    /// Reply queues this client declared (deleted on close), each with a way to put a
+    /// reply into its subscription: the broker's "no route" for a request becomes a reply.
+    inboxes: Mutex<Vec<(String, mpsc::WeakSender<Delivery>)>>,
 }
 
 /// One live connection and its shared channels.
@@ -476,6 +477,16 @@ impl Inner {
         }
     }
 
+    /// A way into the subscription of this client's inbox at `address`, if it is one.
+    fn inbox_sender(&self, address: &str) -> Option<mpsc::Sender<Delivery>> {
+        self.inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(q, _)| q == address)
+            .and_then(|(_, w)| w.upgrade())
+    }
+
     fn request_queue(&self, pattern: &str) -> String {
         queue_name(&[&self.cfg.prefix, "req", pattern])
     }
@@ -542,9 +553,14 @@ async fn start_consumer(
 
 /// A subscription that survives reconnects: the first consumer is started before this
 /// returns (so the queue exists and is bound), later ones after each lost connection.
-async fn subscription(inner: Arc<Inner>, source: Source, prefetch: usize) -> Result<Subscription> {
+async fn subscription(
+    inner: Arc<Inner>,
+    source: Source,
+    prefetch: usize,
+) -> Result<(Subscription, mpsc::WeakSender<Delivery>)> {
     let first = start_consumer(&inner, &source, prefetch).await?;
     let (tx, rx) = mpsc::channel::<Delivery>(prefetch.max(1));
+    let weak = tx.downgrade();
     tokio::spawn(async move {
         let mut current = Some(first);
         loop {
@@ -596,10 +612,10 @@ async fn subscription(inner: Arc<Inner>, source: Source, prefetch: usize) -> Res
             }
         }
     });
-    Ok(Subscription::new(futures::stream::unfold(
-        rx,
-        |mut rx| async move { rx.recv().await.map(|d| (d, rx)) },
-    )))
+    let sub = Subscription::new(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|d| (d, rx))
+    }));
+    Ok((sub, weak))
 }
 
 fn to_delivery(
@@ -729,17 +745,50 @@ impl Publisher for RabbitTransport {
                 .await
             }
             Route::Request(pattern) => {
-                // Mandatory: a request no queue takes comes back, as no responder.
+                // Mandatory: a request no queue takes comes back from the broker. `request`
+                // returns at once, so the confirm is awaited aside and a returned request
+                // becomes a `no_responder` reply in the caller's inbox.
                 let props = with_expiration(properties(&msg, false), &msg);
-                confirmed(
-                    &s.confirm,
-                    "",
-                    &inner.request_queue(pattern),
-                    true,
-                    &msg.payload,
-                    props,
-                )
-                .await
+                let confirm = s
+                    .confirm
+                    .basic_publish(
+                        "".into(),
+                        short(&inner.request_queue(pattern))?,
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &msg.payload,
+                        props,
+                    )
+                    .await
+                    .map_err(|e| amqp_error("publish a request", e))?;
+                let inbox = msg.reply_to.as_deref().and_then(|r| inner.inbox_sender(r));
+                let (id, pattern) = (msg.correlation_id, pattern.to_owned());
+                tokio::spawn(async move {
+                    let error = match confirm.await {
+                        Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => return,
+                        Ok(Confirmation::Ack(Some(_))) => ReplyError {
+                            code: "no_responder".into(),
+                            message: format!("no handler is serving `{pattern}`"),
+                        },
+                        Ok(Confirmation::Nack(_)) => ReplyError {
+                            code: "rejected".into(),
+                            message: format!(
+                                "the broker refused the request to `{pattern}` (nack)"
+                            ),
+                        },
+                        // A lost connection fails waiting requests through the inbox.
+                        Err(_) => return,
+                    };
+                    if let Some(tx) = inbox {
+                        let mut reply = Envelope::new(pattern, Bytes::new());
+                        reply.correlation_id = id;
+                        reply.error = Some(error);
+                        let _ = tx.send(Delivery::new(reply, 1, Box::new(NoAck))).await;
+                    }
+                });
+                Ok(())
             }
             Route::Reply(address) => {
                 let props = properties(&msg, false);
@@ -794,12 +843,14 @@ impl Subscriber for RabbitTransport {
                 ));
             }
         };
-        subscription(self.inner.clone(), source, opts.prefetch).await
+        Ok(subscription(self.inner.clone(), source, opts.prefetch)
+            .await?
+            .0)
     }
 
     async fn open_inbox(&self, name: &str) -> Result<Inbox> {
         let queue = queue_name(&[&self.inner.cfg.prefix, "reply", name]);
-        let sub = subscription(
+        let (sub, inject) = subscription(
             self.inner.clone(),
             Source::Inbox {
                 queue: queue.clone(),
@@ -811,7 +862,7 @@ impl Subscriber for RabbitTransport {
             .inboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(queue.clone());
+            .push((queue.clone(), inject));
         Ok(Inbox::new(queue, sub).with_connection_lost(self.inner.lost.subscribe()))
     }
 }
@@ -933,7 +984,7 @@ impl Transport for RabbitTransport {
         let Some(s) = session else { return Ok(()) };
         let queues =
             std::mem::take(&mut *self.inner.inboxes.lock().unwrap_or_else(|p| p.into_inner()));
-        for q in queues {
+        for (q, _) in queues {
             if let Ok(name) = short(&q) {
                 let _ = s
                     .fast
