@@ -34,6 +34,8 @@ use crate::config::{QueueType, RabbitConfig};
 
 /// RabbitMQ's pseudo-queue for direct reply-to.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// How often requests returned by the broker (no handler) are collected while `send`s wait.
+const RETURN_POLL: Duration = Duration::from_millis(20);
 /// Longest queue name AMQP allows.
 const MAX_NAME: usize = 255;
 
@@ -67,7 +69,7 @@ struct Session {
     confirm: Channel,
     /// No confirms: replies.
     fast: Channel,
-    /// Confirms on, consuming direct reply-to: requests via `send`.
+    /// No confirms, consuming direct reply-to: requests via `send` (published mandatory).
     rpc: Channel,
 }
 
@@ -302,9 +304,9 @@ impl Inner {
             .map_err(|e| amqp_error("enable publisher confirms", e))?;
         let fast = channel("open a channel").await?;
         let rpc = channel("open a channel").await?;
-        rpc.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| amqp_error("enable publisher confirms", e))?;
+        // No publisher confirms on the rpc channel: they cost a broker round of work per
+        // request and delay replies. Requests are published mandatory, and what the broker
+        // returns (no queue: no handler) is collected below.
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -340,6 +342,46 @@ impl Inner {
             )
             .await
             .map_err(|e| amqp_error("consume direct replies", e))?;
+        // Returned requests: lapin keeps them until asked, so ask while calls are waiting.
+        let (returns_ch, returns_calls) = (rpc.clone(), self.calls.clone());
+        let returns_closed = self.closed.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(RETURN_POLL) => {}
+                    _ = returns_closed.cancelled() => break,
+                }
+                if !returns_ch.status().connected() {
+                    break;
+                }
+                if returns_calls.is_empty() {
+                    continue;
+                }
+                let Ok(returned) = returns_ch.wait_for_confirms().await else {
+                    continue;
+                };
+                for m in returned {
+                    let Some(id) = m.delivery.properties.correlation_id().as_ref() else {
+                        continue;
+                    };
+                    if let Some((_, tx)) = returns_calls.remove(id.as_str()) {
+                        let pattern = m
+                            .delivery
+                            .properties
+                            .kind()
+                            .as_ref()
+                            .map(|k| k.as_str().to_owned())
+                            .unwrap_or_default();
+                        let mut reply = Envelope::new(pattern.clone(), Bytes::new());
+                        reply.error = Some(ReplyError {
+                            code: "no_responder".into(),
+                            message: format!("no handler is serving `{pattern}`"),
+                        });
+                        let _ = tx.send(reply);
+                    }
+                }
+            }
+        });
         let calls = self.calls.clone();
         let late = self.late.clone();
         let lost = self.lost.clone();
@@ -552,78 +594,97 @@ async fn start_consumer(
 }
 
 /// A subscription that survives reconnects: the first consumer is started before this
-/// returns (so the queue exists and is bound), later ones after each lost connection.
+/// returns (so the queue exists and is bound), later ones after each lost connection. The
+/// stream polls the AMQP consumer itself (no task in between); the returned sender puts
+/// deliveries into it from elsewhere (the inbox's synthesised replies).
 async fn subscription(
     inner: Arc<Inner>,
     source: Source,
     prefetch: usize,
 ) -> Result<(Subscription, mpsc::WeakSender<Delivery>)> {
     let first = start_consumer(&inner, &source, prefetch).await?;
-    let (tx, rx) = mpsc::channel::<Delivery>(prefetch.max(1));
+    let (tx, rx) = mpsc::channel::<Delivery>(64);
     let weak = tx.downgrade();
-    tokio::spawn(async move {
-        let mut current = Some(first);
-        loop {
-            let (ch, mut consumer, queue) = match current.take() {
-                Some(c) => c,
-                None => {
-                    if inner.session_wait().await.is_none() {
-                        break;
-                    }
-                    match start_consumer(&inner, &source, prefetch).await {
-                        Ok(c) => {
-                            tracing::info!(source = ?source, "RabbitMQ subscription resumed");
-                            c
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "RabbitMQ resubscribe failed; retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                                _ = inner.closed.cancelled() => break,
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            let stopped = loop {
-                let next = tokio::select! {
-                    n = consumer.next() => n,
-                    _ = tx.closed() => break true,
-                    _ = inner.closed.cancelled() => break true,
-                };
-                let d = match next {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, %queue, "RabbitMQ consumer failed; resubscribing");
-                        break false;
-                    }
-                    None => break false,
-                };
-                let delivery = to_delivery(&inner, &source, &queue, d);
-                if tx.send(delivery).await.is_err() {
-                    break true;
-                }
-            };
-            if stopped {
-                // Unsettled deliveries of this channel go back to the queue at once.
-                let _ = ch.close(200, "subscription closed".into()).await;
-                break;
-            }
-        }
+    let state = SubState {
+        inner,
+        source,
+        prefetch,
+        current: Some(first),
+        injected: rx,
+        _keep: tx,
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        let d = st.next().await?;
+        Some((d, st))
     });
-    let sub = Subscription::new(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|d| (d, rx))
-    }));
-    Ok((sub, weak))
+    Ok((Subscription::new(stream), weak))
 }
 
-fn to_delivery(
-    inner: &Arc<Inner>,
-    source: &Source,
-    queue: &str,
-    d: lapin::message::Delivery,
-) -> Delivery {
+struct SubState {
+    inner: Arc<Inner>,
+    source: Source,
+    prefetch: usize,
+    current: Option<(Channel, lapin::Consumer, String)>,
+    injected: mpsc::Receiver<Delivery>,
+    /// Keeps `injected` open while the subscription lives.
+    _keep: mpsc::Sender<Delivery>,
+}
+
+impl SubState {
+    /// The next delivery, resubscribing after a lost connection; `None` once the transport
+    /// is closed.
+    async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            if self.current.is_none() {
+                self.inner.session_wait().await?;
+                match start_consumer(&self.inner, &self.source, self.prefetch).await {
+                    Ok(c) => {
+                        tracing::info!(source = ?self.source, "RabbitMQ subscription resumed");
+                        self.current = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "RabbitMQ resubscribe failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            _ = self.inner.closed.cancelled() => return None,
+                        }
+                        continue;
+                    }
+                }
+            }
+            let (_, consumer, queue) = self.current.as_mut()?;
+            let next = tokio::select! {
+                biased;
+                d = self.injected.recv() => return d,
+                n = consumer.next() => n,
+                _ = self.inner.closed.cancelled() => return None,
+            };
+            match next {
+                Some(Ok(d)) => return Some(to_delivery(&self.source, d)),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, %queue, "RabbitMQ consumer failed; resubscribing");
+                    self.current = None;
+                }
+                None => self.current = None,
+            }
+        }
+    }
+}
+
+impl Drop for SubState {
+    fn drop(&mut self) {
+        // Unsettled deliveries of this channel go back to the queue at once.
+        if let Some((ch, _, _)) = self.current.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = ch.close(200, "subscription closed".into()).await;
+            });
+        }
+    }
+}
+
+fn to_delivery(source: &Source, d: lapin::message::Delivery) -> Delivery {
     let lapin::message::Delivery {
         properties,
         data,
@@ -643,7 +704,6 @@ fn to_delivery(
         Some(n) => n.saturating_add(1),
         None => 1 + u32::from(redelivered),
     };
-    let _ = (inner, queue);
     let acker = Box::new(RabbitAcker { acker: Some(acker) });
     delivery_from(&properties, data, source.pattern(), attempt, acker)
 }
@@ -914,44 +974,18 @@ impl Requester for RabbitTransport {
             )
             .await
             .map_err(|e| amqp_error("publish a request", e))?;
-        tokio::pin!(confirm);
-        let mut confirmed = false;
-        loop {
-            tokio::select! {
-                c = &mut confirm, if !confirmed => {
-                    confirmed = true;
-                    match c {
-                        Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {}
-                        Ok(Confirmation::Ack(Some(_))) => {
-                            return Err(Error::new(
-                                ErrorKind::NoResponder,
-                                NAME,
-                                format!("no handler is serving `{pattern}`"),
-                            ));
-                        }
-                        Ok(Confirmation::Nack(_)) => {
-                            return Err(Error::new(
-                                ErrorKind::Rejected,
-                                NAME,
-                                format!("the broker refused the request to `{pattern}` (nack)"),
-                            ));
-                        }
-                        Err(e) => return Err(amqp_error("confirm a request", e)),
-                    }
-                }
-                r = &mut rx => {
-                    return r.map_err(|_| {
-                        Error::new(
-                            ErrorKind::Connection,
-                            NAME,
-                            "connection to RabbitMQ lost while waiting for the reply; the request may or may not have been handled",
-                        )
-                    });
-                }
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(Error::timeout(NAME, timeout));
-                }
-            }
+        // Not in confirm mode: resolves at once; a returned request is found by the
+        // session's return collector and answered as `no_responder`.
+        drop(confirm);
+        tokio::select! {
+            r = &mut rx => r.map_err(|_| {
+                Error::new(
+                    ErrorKind::Connection,
+                    NAME,
+                    "connection to RabbitMQ lost while waiting for the reply; the request may or may not have been handled",
+                )
+            }),
+            () = tokio::time::sleep_until(deadline) => Err(Error::timeout(NAME, timeout)),
         }
     }
 
