@@ -559,10 +559,25 @@ pub async fn late_reply_is_dropped_and_counted(h: Harness) -> Outcome {
         .await
         .expect("reply");
     assert_eq!(reply.id, 2, "the late reply went to the wrong request");
-    eventually(STEP, "the late reply is counted", || {
-        client.stats().late_replies == 1
-    })
-    .await;
+    // A transport whose `send` uses its client library's own request/reply may not see a
+    // late reply at all (the library drops it); it says so, and only `request` is counted.
+    let send_counts = client
+        .transport()
+        .requester()
+        .is_none_or(|r| r.late_replies().is_some());
+    let after_send = if send_counts {
+        eventually(STEP, "the late reply is counted", || {
+            client.stats().late_replies == 1
+        })
+        .await;
+        1
+    } else {
+        eprintln!(
+            "NOTE conformance `late_reply_is_dropped_and_counted` on `{}`: late replies to `send` are dropped by the client library unseen, so only `request`'s are counted",
+            h.name()
+        );
+        0
+    };
     // The same through a handle that is not awaited before its deadline: the reply arrives
     // late, is counted, and the handle reports a timeout rather than the stale reply.
     let pending = within(
@@ -577,8 +592,8 @@ pub async fn late_reply_is_dropped_and_counted(h: Harness) -> Outcome {
     .expect("accepted");
     tokio::time::sleep_until(pending.deadline() + Duration::from_millis(20)).await;
     gate.add_permits(1);
-    eventually(STEP, "the second late reply is counted", || {
-        client.stats().late_replies == 2
+    eventually(STEP, "the late reply to the handle is counted", || {
+        client.stats().late_replies == after_send + 1
     })
     .await;
     let err = within("await the late handle", pending)

@@ -11,11 +11,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use switchboard_core::transport::{
-    Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions, Subscriber,
-    Subscription, Transport,
+    Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Requester, Route, SubscribeOptions,
+    Subscriber, Subscription, Transport,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::NAME;
@@ -559,6 +560,11 @@ impl Subscriber for NatsTransport {
                             .queue_subscribe(subject, group.to_owned())
                             .await
                             .map_err(|e| conn_error("subscribe", e))?;
+                        inner
+                            .client
+                            .flush()
+                            .await
+                            .map_err(|e| conn_error("flush", e))?;
                         Ok(core_subscription(
                             self.inner.clone(),
                             sub,
@@ -573,6 +579,13 @@ impl Subscriber for NatsTransport {
                     .queue_subscribe(inner.cfg.request_subject(pattern), REQUEST_GROUP.into())
                     .await
                     .map_err(|e| conn_error("subscribe", e))?;
+                // Returns once the server has the subscription, so a request sent right after
+                // `handle` returns finds its handler.
+                inner
+                    .client
+                    .flush()
+                    .await
+                    .map_err(|e| conn_error("flush", e))?;
                 Ok(core_subscription(
                     self.inner.clone(),
                     sub,
@@ -617,6 +630,11 @@ impl Subscriber for NatsTransport {
             .subscribe(format!("{address}.>"))
             .await
             .map_err(|e| conn_error("subscribe", e))?;
+        self.inner
+            .client
+            .flush()
+            .await
+            .map_err(|e| conn_error("flush", e))?;
         let closed = self.inner.closed.clone();
         let skip = address.len() + 1;
         let stream = sub
@@ -822,8 +840,95 @@ impl Drop for JsAcker {
     }
 }
 
+/// `send`: async-nats's own request/reply, through the client's one multiplexed inbox
+/// (`_INBOX.<client>.*`, one subscription for all requests, demultiplexed inside the
+/// connection task). This is the fastest path NATS has, the one the raw client uses.
+///
+/// Unlike `request` (which uses switchboard's inbox), a reply that arrives after its `send`
+/// gave up is dropped inside async-nats and so is not counted in `Stats::late_replies`.
+#[async_trait]
+impl Requester for NatsTransport {
+    async fn call(&self, pattern: &str, msg: Envelope, deadline: Instant) -> Result<Envelope> {
+        let inner = &self.inner;
+        if inner.closed.is_cancelled() {
+            return Err(Error::closed(NAME));
+        }
+        self.check_size(msg.payload.len())?;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        if timeout.is_zero() {
+            return Err(Error::timeout(NAME, timeout));
+        }
+        if inner.client.connection_state() != State::Connected {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                NAME,
+                "not connected to NATS (reconnecting); the request was not sent",
+            ));
+        }
+        let headers = envelope_headers(
+            &msg,
+            InSubject {
+                pattern: true,
+                reply_to: true,
+                correlation_id: false,
+            },
+        )?;
+        let mut lost = inner.disconnects.subscribe();
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(msg.payload)
+            .timeout(Some(timeout));
+        let reply = tokio::select! {
+            r = inner.client.send_request(inner.cfg.request_subject(pattern), request) => r,
+            _ = lost.changed() => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    NAME,
+                    "connection to NATS lost while waiting for the reply; the request may or may not have been handled",
+                ));
+            }
+        };
+        match reply {
+            Ok(m) => match delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck))
+                .into_parts()
+            {
+                (env, _, None, _) => Ok(env),
+                (_, _, Some(why), _) => Err(Error::codec(
+                    NAME,
+                    format!("reply has malformed headers: {why}"),
+                )),
+            },
+            Err(e) => {
+                use async_nats::RequestErrorKind as K;
+                Err(match e.kind() {
+                    K::TimedOut => Error::timeout(NAME, timeout),
+                    K::NoResponders => Error::new(
+                        ErrorKind::NoResponder,
+                        NAME,
+                        format!("no handler is subscribed to `{pattern}`"),
+                    ),
+                    K::MaxPayloadExceeded => Error::new(
+                        ErrorKind::PayloadTooLarge,
+                        NAME,
+                        format!("request exceeds the limit of the server: {e}"),
+                    ),
+                    K::InvalidSubject => Error::invalid_config(
+                        NAME,
+                        format!("`{pattern}` is not a valid subject: {e}"),
+                    ),
+                    _ => conn_error("request", e),
+                })
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Transport for NatsTransport {
+    fn requester(&self) -> Option<&dyn Requester> {
+        Some(self)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }
@@ -831,6 +936,7 @@ impl Transport for NatsTransport {
     fn capabilities(&self) -> Capabilities {
         let js = self.inner.cfg.events == EventMode::JetStream;
         Capabilities::new(self.inner.max_payload)
+            .native_request(true)
             .detects_no_responder(true)
             .redelivery_on_nack(js)
             .durable(js)

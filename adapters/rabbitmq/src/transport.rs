@@ -989,8 +989,8 @@ impl Requester for RabbitTransport {
         }
     }
 
-    fn late_replies(&self) -> u64 {
-        self.inner.late.load(Ordering::Relaxed)
+    fn late_replies(&self) -> Option<u64> {
+        Some(self.inner.late.load(Ordering::Relaxed))
     }
 }
 

@@ -252,7 +252,7 @@ impl Client {
     pub fn stats(&self) -> Stats {
         let mut stats = self.inner.counters.snapshot();
         if let Some(r) = self.inner.transport.requester() {
-            stats.late_replies += r.late_replies();
+            stats.late_replies += r.late_replies().unwrap_or(0);
         }
         stats
     }

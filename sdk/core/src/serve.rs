@@ -510,8 +510,9 @@ impl Worker {
                     self.reply(&env, Err(Failure::Codec(reason))).await;
                     settle(acker.ack().await);
                 }
+                // Rare paths are boxed so every delivery's future stays small.
                 Kind::Event => {
-                    self.dead_letter(env, attempt, &format!("malformed: {reason}"), acker)
+                    Box::pin(self.dead_letter(env, attempt, &format!("malformed: {reason}"), acker))
                         .await
                 }
             }
@@ -549,8 +550,7 @@ impl Worker {
             }
             (Kind::Event, Err(f @ Failure::Codec(_))) => {
                 Counters::inc(&self.counters().failed);
-                self.dead_letter(owned(env), attempt, &f.reason(), acker)
-                    .await;
+                Box::pin(self.dead_letter(owned(env), attempt, &f.reason(), acker)).await;
             }
             (Kind::Event, Err(f)) => {
                 Counters::inc(&self.counters().failed);
@@ -561,7 +561,7 @@ impl Worker {
                     Counters::inc(&self.counters().retried);
                     settle(acker.nack(self.opts.backoff.delay(attempt)).await);
                 } else {
-                    self.dead_letter(owned(env), attempt, &reason, acker).await;
+                    Box::pin(self.dead_letter(owned(env), attempt, &reason, acker)).await;
                 }
             }
         }
@@ -594,7 +594,7 @@ impl Worker {
                     code: ErrorKind::PayloadTooLarge.as_str().to_owned(),
                     message: format!("the reply is too large: {}", e.message()),
                 });
-                if let Err(e) = transport.publish(Route::Reply(to), r).await {
+                if let Err(e) = Box::pin(transport.publish(Route::Reply(to), r)).await {
                     tracing::warn!(pattern = %self.pattern, error = %e, "could not send a reply");
                 }
             }

@@ -26,6 +26,8 @@ pub struct Stats {
     /// `request` calls made.
     pub requested: u64,
     /// Replies dropped because they arrived after their deadline or for no waiting request.
+    /// Replies to `request` are always counted; replies to `send` where the transport can see
+    /// them (on NATS, `send` uses async-nats's own request/reply, which drops them unseen).
     pub late_replies: u64,
     /// Messages dropped unhandled because their deadline had passed.
     pub expired_dropped: u64,

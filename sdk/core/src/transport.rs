@@ -358,9 +358,10 @@ pub trait Requester: Send + Sync {
     async fn call(&self, pattern: &str, msg: Envelope, deadline: Instant) -> Result<Envelope>;
 
     /// Replies that arrived for no waiting call (after their deadline, or unknown), dropped.
-    /// Counted into [`crate::Stats::late_replies`].
-    fn late_replies(&self) -> u64 {
-        0
+    /// Counted into [`crate::Stats::late_replies`]. `None` if the transport cannot see them
+    /// (its client library drops them unseen).
+    fn late_replies(&self) -> Option<u64> {
+        None
     }
 }
 
