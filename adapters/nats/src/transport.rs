@@ -111,6 +111,9 @@ impl NatsTransport {
         if cfg.tls {
             opts = opts.require_tls(true);
         }
+        // One process-wide TLS provider (ring), whichever other crates enable: without it
+        // rustls cannot choose and panics at the first TLS connection.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         if let Some(ca) = &cfg.tls_ca {
             opts = opts.add_root_certificates(ca.clone());
         }
@@ -133,8 +136,14 @@ impl NatsTransport {
         let client = match tokio::time::timeout(cfg.connect_timeout, opts.connect(addrs)).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
+                use async_nats::ConnectErrorKind as K;
+                let kind = match e.kind() {
+                    K::Authentication | K::AuthorizationViolation => ErrorKind::Unauthenticated,
+                    K::Tls => ErrorKind::InvalidConfig,
+                    _ => ErrorKind::Connection,
+                };
                 return Err(Error::new(
-                    ErrorKind::Connection,
+                    kind,
                     NAME,
                     format!("cannot connect to NATS at {servers}: {e}"),
                 )

@@ -127,6 +127,9 @@ impl RabbitTransport {
     /// `Connection` if no node answers within the connect timeout; `InvalidConfig` for an
     /// unreadable CA file.
     pub async fn connect(cfg: RabbitConfig) -> Result<Self> {
+        // One process-wide TLS provider (ring), whichever other crates enable: without it
+        // rustls cannot choose and panics at the first TLS connection.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut tls = lapin::tcp::OwnedTLSConfig::default();
         if let Some(ca) = &cfg.tls_ca {
             tls.cert_chain = Some(std::fs::read_to_string(ca).map_err(|e| {

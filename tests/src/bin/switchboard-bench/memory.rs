@@ -40,7 +40,7 @@ pub(crate) async fn raw_run(c: &Counts) -> Vec<Figure> {
         }
     });
     let mut counter = Counter::Local(counted, all);
-    figs.push(
+    figs.extend(
         workload::events(
             c,
             |i| {

@@ -90,7 +90,7 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
     let mut figs = workload::request_reply(c, move |i| call(cl.clone(), i)).await;
     figs.push(workload::async_calls(c, |i| call(client.clone(), i)).await);
     let js = jetstream::new(client);
-    figs.push(
+    figs.extend(
         workload::events(
             c,
             |i| {

@@ -227,7 +227,7 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    figs.push(
+    figs.extend(
         workload::events(
             c,
             |i| {

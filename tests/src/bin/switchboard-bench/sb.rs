@@ -83,7 +83,7 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
     drop(stream);
 
     let cl = client.clone();
-    figs.push(
+    figs.extend(
         workload::events(
             c,
             move |i| {

@@ -175,7 +175,10 @@ where
 
 /// `events_throughput`: `emit(i)` for every event, at most `events_outstanding` at once,
 /// timed until the consumer counted all (60 s bound).
-pub(crate) async fn events<F, Fut>(c: &Counts, emit: F, counter: &mut Counter) -> Figure
+///
+/// Also `emit_throughput`: the same emits timed until the last one returned (accepted by the
+/// broker), whether consumed yet or not.
+pub(crate) async fn events<F, Fut>(c: &Counts, emit: F, counter: &mut Counter) -> Vec<Figure>
 where
     F: Fn(u64) -> Fut,
     Fut: Future<Output = ()>,
@@ -186,6 +189,7 @@ where
         .buffer_unordered(c.events_outstanding)
         .collect::<Vec<()>>()
         .await;
+    let emitted = rate("emit_throughput", "events/s", c.events, t.elapsed());
     let arrived = counter.wait(c.events, Duration::from_secs(60)).await;
     let took = t.elapsed();
     if arrived < c.events {
@@ -194,7 +198,10 @@ where
             c.events
         );
     }
-    rate("events_throughput", "events/s", arrived, took)
+    vec![
+        emitted,
+        rate("events_throughput", "events/s", arrived, took),
+    ]
 }
 
 /// Where the consumer's count comes from: this process, or the server process.

@@ -1,0 +1,101 @@
+//! TLS and credentials on NATS, against the second nats-server `scripts/brokers up` starts on
+//! 127.0.0.1:4223 (TLS with a test CA from `$SB_TLS_DIR`, user `switchboard`).
+
+#![cfg(feature = "nats")]
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchboard::{ErrorKind, HandlerError};
+use switchboard_conformance::within;
+
+const PASSWORD: &str = "test-s3cret";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Ping {
+    n: u32,
+}
+
+fn ca() -> String {
+    let dir = std::env::var("SB_TLS_DIR").unwrap_or_else(|_| "/tmp/switchboard-tls".into());
+    format!("{dir}/ca.pem")
+}
+
+fn url(user: &str, password: &str, query: &str) -> String {
+    format!("tls://{user}:{password}@127.0.0.1:4223?events=core&connect_timeout_ms=3000{query}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_credentials_carries_send_and_emit() {
+    let u = url("switchboard", PASSWORD, &format!("&tls_ca={}", ca()));
+    let server = within("connect", switchboard::connect(&u))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the TLS server (scripts/brokers up): {e}"));
+    let shown = format!("{:?}", server.transport());
+    assert!(
+        !shown.contains(PASSWORD),
+        "the password shows in Debug: {shown}"
+    );
+    within(
+        "handle",
+        server.handle("secure.ping", |p: Ping, _ctx| async move {
+            Ok::<_, HandlerError>(Ping { n: p.n + 1 })
+        }),
+    )
+    .await
+    .expect("handler");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    within(
+        "on_event",
+        server.on_event("secure.seen", "audit", move |p: Ping, _ctx| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(p.n);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribe");
+    let client = within("connect", switchboard::connect(&u))
+        .await
+        .expect("client connects");
+    let r: Ping = within("send", client.send("secure.ping", &Ping { n: 1 }))
+        .await
+        .expect("reply over TLS");
+    assert_eq!(r, Ping { n: 2 });
+    within("emit", client.emit("secure.seen", &Ping { n: 7 }))
+        .await
+        .expect("accepted");
+    assert_eq!(within("event", rx.recv()).await, Some(7));
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+}
+
+#[tokio::test]
+async fn wrong_password_is_unauthenticated_and_not_shown() {
+    let secret = "not-the-password-8c1f";
+    let u = url("switchboard", secret, &format!("&tls_ca={}", ca()));
+    let err = within("connect", switchboard::connect(&u))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Unauthenticated, "{err}");
+    assert!(!format!("{err} {err:?}").contains(secret), "{err:?}");
+}
+
+#[tokio::test]
+async fn server_certificate_from_an_unknown_ca_is_refused() {
+    let started = std::time::Instant::now();
+    let err = within(
+        "connect",
+        switchboard::connect(&url("switchboard", PASSWORD, "")),
+    )
+    .await
+    .expect_err("untrusted certificate");
+    assert!(
+        matches!(err.kind(), ErrorKind::InvalidConfig | ErrorKind::Connection),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "bounded");
+}
