@@ -203,6 +203,15 @@ impl Harness {
     }
 }
 
+/// Borrowed views of owned header pairs, as the transports' foreign-publish functions take
+/// them.
+pub fn header_refs(headers: &[(String, String)]) -> Vec<(&str, &str)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 /// Awaits `fut` for at most [`STEP`]; panics naming `what` if it takes longer.
 pub async fn within<T>(what: &str, fut: impl IntoFuture<Output = T>) -> T {
     within_for(STEP, what, fut).await

@@ -17,22 +17,7 @@ pub(crate) fn header_map<'a>(
 ) -> Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (k, v) in pairs {
-        let name = HeaderName::from_str(k).map_err(|_| {
-            Error::invalid_config(
-                NAME,
-                format!(
-                    "header name `{}` cannot be carried by NATS",
-                    k.escape_default()
-                ),
-            )
-        })?;
-        let value = HeaderValue::from_str(v).map_err(|_| {
-            Error::invalid_config(
-                NAME,
-                format!("the value of header `{k}` cannot be carried by NATS (line break)"),
-            )
-        })?;
-        map.insert(name, value);
+        map.insert(checked_name(k)?, checked_value(k, v)?);
     }
     Ok(map)
 }
@@ -115,18 +100,21 @@ pub(crate) fn envelope_headers(env: &Envelope, carried: InSubject) -> Result<Hea
         );
     }
     for (k, v) in &env.headers {
-        let name = HeaderName::from_str(k).map_err(|_| {
-            Error::invalid_config(
-                NAME,
-                format!(
-                    "header name `{}` cannot be carried by NATS",
-                    k.escape_default()
-                ),
-            )
-        })?;
-        map.insert(name, checked_value(k, v)?);
+        map.insert(checked_name(k)?, checked_value(k, v)?);
     }
     Ok(map)
+}
+
+fn checked_name(k: &str) -> Result<HeaderName> {
+    HeaderName::from_str(k).map_err(|_| {
+        Error::invalid_config(
+            NAME,
+            format!(
+                "header name `{}` cannot be carried by NATS",
+                k.escape_default()
+            ),
+        )
+    })
 }
 
 fn checked_value(name: &str, v: &str) -> Result<HeaderValue> {

@@ -4,7 +4,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use switchboard_core::config::{Secret, parse_bool, parse_millis, unknown_option};
+use switchboard_core::config::{
+    Secret, parse_bool, parse_millis, parse_nodes, unknown_option, url_credentials,
+};
 use switchboard_core::{Error, Result};
 use url::Url;
 
@@ -169,27 +171,15 @@ impl NatsConfig {
             .filter(|h| !h.is_empty())
             .unwrap_or("127.0.0.1");
         cfg.servers = vec![format!("{host}:{}", url.port().unwrap_or(4222))];
-        if !url.username().is_empty() {
-            cfg.user = Some(percent_decode(url.username()));
-            cfg.password = url.password().map(|p| Secret::new(percent_decode(p)));
+        if let Some((user, password)) = url_credentials(url) {
+            cfg.user = Some(user);
+            cfg.password = Some(password);
         }
         let mut cert = None;
         let mut key = None;
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
-                "nodes" => {
-                    for node in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                        if node.contains("://") || node.contains('@') || node.contains('/') {
-                            return Err(Error::invalid_config(
-                                NAME,
-                                format!(
-                                    "`nodes` takes `host:port` entries separated by commas, got `{node}`"
-                                ),
-                            ));
-                        }
-                        cfg.servers.push(node.to_owned());
-                    }
-                }
+                "nodes" => cfg.servers.extend(parse_nodes(NAME, &v)?),
                 "events" => {
                     cfg.events = match v.as_ref() {
                         "jetstream" => EventMode::JetStream,
@@ -263,13 +253,6 @@ fn token(key: &str, value: &str) -> Result<String> {
             format!("`{key}` must be letters, digits, `-` or `_`, got `{value}`"),
         ))
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_else(|| s.to_owned())
 }
 
 #[cfg(test)]

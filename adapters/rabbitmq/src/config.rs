@@ -4,7 +4,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use switchboard_core::config::{Secret, parse_count, parse_millis, unknown_option};
+use switchboard_core::config::{
+    Secret, parse_count, parse_millis, parse_nodes, percent_decode, unknown_option, url_credentials,
+};
 use switchboard_core::{Error, Result};
 use url::Url;
 
@@ -150,29 +152,17 @@ impl RabbitConfig {
             .filter(|h| !h.is_empty())
             .unwrap_or("127.0.0.1");
         cfg.nodes = vec![format!("{host}:{}", url.port().unwrap_or(default_port))];
-        if !url.username().is_empty() {
-            cfg.user = decode(url.username());
-            cfg.password = Secret::new(url.password().map(decode).unwrap_or_default());
+        if let Some((user, password)) = url_credentials(url) {
+            cfg.user = user;
+            cfg.password = password;
         }
         let path = url.path().trim_start_matches('/');
         if !path.is_empty() {
-            cfg.vhost = decode(path);
+            cfg.vhost = percent_decode(path);
         }
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
-                "nodes" => {
-                    for node in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-                        if node.contains("://") || node.contains('@') || node.contains('/') {
-                            return Err(Error::invalid_config(
-                                NAME,
-                                format!(
-                                    "`nodes` takes `host:port` entries separated by commas, got `{node}`"
-                                ),
-                            ));
-                        }
-                        cfg.nodes.push(node.to_owned());
-                    }
-                }
+                "nodes" => cfg.nodes.extend(parse_nodes(NAME, &v)?),
                 "exchange" => cfg.exchange = name(&k, &v)?,
                 "dead_letter_exchange" => cfg.dead_letter_exchange = name(&k, &v)?,
                 "prefix" => cfg.prefix = name(&k, &v)?,
@@ -241,13 +231,6 @@ fn name(key: &str, value: &str) -> Result<String> {
             format!("`{key}` must be up to 64 letters, digits, `-`, `_` or `.`, got `{value}`"),
         ))
     }
-}
-
-fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_else(|| s.to_owned())
 }
 
 #[cfg(test)]

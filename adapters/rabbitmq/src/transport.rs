@@ -532,6 +532,29 @@ impl Inner {
             .and_then(|(_, w)| w.upgrade())
     }
 
+    /// Publishes a request to `pattern`'s queue, mandatory: with no queue (no handler) the
+    /// broker returns it.
+    async fn publish_request(
+        &self,
+        ch: &Channel,
+        pattern: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<lapin::PublisherConfirm> {
+        ch.basic_publish(
+            "".into(),
+            short(&self.request_queue(pattern))?,
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            payload,
+            props,
+        )
+        .await
+        .map_err(|e| amqp_error("publish a request", e))
+    }
+
     fn request_queue(&self, pattern: &str) -> String {
         queue_name(&[&self.cfg.prefix, "req", pattern])
     }
@@ -812,20 +835,9 @@ impl Publisher for RabbitTransport {
                 // returns at once, so the confirm is awaited aside and a returned request
                 // becomes a `no_responder` reply in the caller's inbox.
                 let props = with_expiration(properties(&msg, false), &msg);
-                let confirm = s
-                    .confirm
-                    .basic_publish(
-                        "".into(),
-                        short(&inner.request_queue(pattern))?,
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &msg.payload,
-                        props,
-                    )
-                    .await
-                    .map_err(|e| amqp_error("publish a request", e))?;
+                let confirm = inner
+                    .publish_request(&s.confirm, pattern, &msg.payload, props)
+                    .await?;
                 let inbox = msg.reply_to.as_deref().and_then(|r| inner.inbox_sender(r));
                 let (id, pattern) = (msg.correlation_id, pattern.to_owned());
                 tokio::spawn(async move {
@@ -961,22 +973,11 @@ impl Requester for RabbitTransport {
             calls: &inner.calls,
             id,
         };
-        let mut props = with_expiration(properties(&msg, false), &msg);
-        props = props.with_reply_to(DIRECT_REPLY_TO.into());
-        let confirm = s
-            .rpc
-            .basic_publish(
-                "".into(),
-                short(&inner.request_queue(pattern))?,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &msg.payload,
-                props,
-            )
-            .await
-            .map_err(|e| amqp_error("publish a request", e))?;
+        let props =
+            with_expiration(properties(&msg, false), &msg).with_reply_to(DIRECT_REPLY_TO.into());
+        let confirm = inner
+            .publish_request(&s.rpc, pattern, &msg.payload, props)
+            .await?;
         // Not in confirm mode: resolves at once; a returned request is found by the
         // session's return collector and answered as `no_responder`.
         drop(confirm);

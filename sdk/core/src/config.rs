@@ -85,6 +85,61 @@ pub fn parse_bool(adapter: &'static str, key: &str, value: &str) -> Result<bool>
     }
 }
 
+/// Decodes `%XX` escapes (as in a URL's user name or password); `+` stays `+`. A malformed
+/// escape is kept as written.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The user name and password of a URL, decoded; `None` without a user name.
+pub fn url_credentials(url: &url::Url) -> Option<(String, Secret)> {
+    if url.username().is_empty() {
+        return None;
+    }
+    Some((
+        percent_decode(url.username()),
+        Secret::new(url.password().map(percent_decode).unwrap_or_default()),
+    ))
+}
+
+/// Parses option `nodes`: more cluster nodes, `host:port` separated by commas.
+///
+/// # Errors
+/// `InvalidConfig` for an entry with a scheme, credentials or a path.
+pub fn parse_nodes(adapter: &'static str, value: &str) -> Result<Vec<String>> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|node| {
+            if node.contains("://") || node.contains('@') || node.contains('/') {
+                Err(Error::invalid_config(
+                    adapter,
+                    format!("`nodes` takes `host:port` entries separated by commas, got `{node}`"),
+                ))
+            } else {
+                Ok(node.to_owned())
+            }
+        })
+        .collect()
+}
+
 /// The error for an option an adapter does not know; `known` lists the ones it does.
 pub fn unknown_option(adapter: &'static str, key: &str, known: &[&str]) -> Error {
     Error::invalid_config(
@@ -119,5 +174,18 @@ mod tests {
         assert!(parse_count("x", "n", "-1").is_err());
         assert!(parse_bool("x", "tls", "maybe").is_err());
         assert!(parse_bool("x", "tls", "true").expect("bool"));
+    }
+
+    #[test]
+    fn credentials_and_nodes() {
+        assert_eq!(percent_decode("p%40ss+word%2"), "p@ss+word%2");
+        let url = url::Url::parse("nats://ada:s%2Fcr+t@h").expect("url");
+        let (user, pass) = url_credentials(&url).expect("credentials");
+        assert_eq!((user.as_str(), pass.expose()), ("ada", "s/cr+t"));
+        assert_eq!(
+            parse_nodes("x", "a:1, b:2,").expect("nodes"),
+            ["a:1", "b:2"]
+        );
+        assert!(parse_nodes("x", "nats://a:1").is_err());
     }
 }

@@ -23,10 +23,7 @@ pub(crate) async fn harness() -> Harness {
     .foreign_producer(move |pattern, headers, payload| {
         let foreign = foreign.clone();
         async move {
-            let headers: Vec<(&str, &str)> = headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
+            let headers = switchboard_conformance::header_refs(&headers);
             foreign.publish_foreign(&pattern, &headers, payload).await
         }
     })
