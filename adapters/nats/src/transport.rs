@@ -716,26 +716,30 @@ fn pull_subscription(
 ) -> Subscription {
     let prefetch = prefetch.max(1);
     let (tx, rx) = mpsc::channel::<Delivery>(prefetch);
-    let credits = Arc::new(Semaphore::new(prefetch));
+    // Credits for twice the handler concurrency: one batch in the handlers, one arriving.
+    // A pull waits until half are free, so pulls come in batches of at least `prefetch`
+    // messages, not one pull (and one inbox subscription) per message.
+    let total = u32::try_from(prefetch * 2).unwrap_or(u32::MAX);
+    let half = u32::try_from(prefetch).unwrap_or(u32::MAX);
+    let credits = Arc::new(Semaphore::new(total as usize));
     let closed = inner.closed.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let first = tokio::select! {
-                p = credits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            let mut permits = tokio::select! {
+                p = credits.clone().acquire_many_owned(half) => match p { Ok(p) => p, Err(_) => break },
                 _ = tx.closed() => break,
                 _ = closed.cancelled() => break,
             };
-            let mut permits = vec![first];
-            while permits.len() < prefetch {
-                match credits.clone().try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
+            let free = u32::try_from(credits.available_permits()).unwrap_or(0);
+            if free > 0
+                && let Ok(more) = credits.clone().try_acquire_many_owned(free)
+            {
+                permits.merge(more);
             }
             let batch = consumer
                 .batch()
-                .max_messages(permits.len())
+                .max_messages(permits.num_permits())
                 .expires(PULL_EXPIRES)
                 .messages()
                 .await;
@@ -775,14 +779,13 @@ fn pull_subscription(
                     .info()
                     .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
                     .unwrap_or(1);
-                let permit = permits.pop();
-                let headers = msg.message.headers.clone();
-                let payload = msg.message.payload.clone();
+                let permit = permits.split(1);
+                let message = msg.message;
                 let acker = Box::new(JsAcker {
-                    msg: Some(msg),
+                    ack: message.reply.clone().map(|r| (inner.client.clone(), r)),
                     _credit: permit,
                 });
-                let d = delivery_from(&headers, payload, &pattern, attempt, acker);
+                let d = delivery_from(&message.headers, message.payload, &pattern, attempt, acker);
                 if tx.send(d).await.is_err() {
                     // The subscription is gone; the delivery's acker gave it back on drop.
                     continue;
@@ -801,49 +804,52 @@ fn tokio_stream_from<T: Send + 'static>(
 
 /// Acknowledges a JetStream message; gives it back to the server if dropped unsettled.
 struct JsAcker {
-    msg: Option<jetstream::Message>,
+    /// The client and the message's ack subject; `None` once settled.
+    ack: Option<(async_nats::Client, async_nats::Subject)>,
     _credit: Option<OwnedSemaphorePermit>,
+}
+
+impl JsAcker {
+    /// Sends `kind` to the message's ack subject (what `jetstream::Message::ack_with` does,
+    /// without keeping the whole message for it).
+    async fn settle(&mut self, kind: AckKind, what: &str) -> Result<()> {
+        let Some((client, subject)) = self.ack.take() else {
+            return Ok(());
+        };
+        client
+            .publish(subject, Bytes::from(kind))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    NAME,
+                    format!("JetStream {what} failed: {e}"),
+                )
+            })
+    }
 }
 
 #[async_trait]
 impl Acker for JsAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
-        match self.msg.take() {
-            Some(m) => m.ack().await.map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    NAME,
-                    format!("JetStream ack failed: {e}"),
-                )
-            }),
-            None => Ok(()),
-        }
+        self.settle(AckKind::Ack, "ack").await
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
-        match self.msg.take() {
-            Some(m) => m
-                .ack_with(AckKind::Nak((!delay.is_zero()).then_some(delay)))
-                .await
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Connection,
-                        NAME,
-                        format!("JetStream nak failed: {e}"),
-                    )
-                }),
-            None => Ok(()),
-        }
+        self.settle(AckKind::Nak((!delay.is_zero()).then_some(delay)), "nak")
+            .await
     }
 }
 
 impl Drop for JsAcker {
     fn drop(&mut self) {
-        if let Some(m) = self.msg.take()
+        if let Some((client, subject)) = self.ack.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             rt.spawn(async move {
-                let _ = m.ack_with(AckKind::Nak(None)).await;
+                let _ = client
+                    .publish(subject, Bytes::from(AckKind::Nak(None)))
+                    .await;
             });
         }
     }

@@ -11,6 +11,18 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
+/// CPU time (user + system) used so far by process `pid` (`self` for this one), from
+/// `/proc/<pid>/stat`; `None` where that cannot be read.
+pub(crate) fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // Clock ticks are 100 per second on Linux.
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// A server process and what it reports.
 pub(crate) struct ChildServer {
     child: Child,
@@ -88,6 +100,13 @@ impl ChildServer {
             }
         }
         self.last
+    }
+}
+
+impl ChildServer {
+    /// CPU time the server process has used so far.
+    pub(crate) fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(&self.child.id().to_string())
     }
 }
 

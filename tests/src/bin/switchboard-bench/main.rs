@@ -107,15 +107,40 @@ async fn serve(system: &str, transport: &str, url: &str, total: u64) {
 /// One run of one side against a broker: a fresh server process, then the client workloads.
 async fn broker_run(system: &str, transport: &str, url: &str, c: &Counts) -> Vec<Figure> {
     let server = ChildServer::spawn(system, transport, url, c.events).await;
+    let server_before = server.cpu_time();
+    let client_before = child::cpu_time("self");
     let mut counter = Counter::Child(server);
-    match (system, transport) {
+    let mut figs = match (system, transport) {
         ("switchboard", _) => sb::run(url, c, &mut counter).await,
         #[cfg(feature = "nats")]
         ("raw", "nats") => nats::run(url, c, &mut counter).await,
         #[cfg(feature = "rabbitmq")]
         ("raw", "rabbitmq") => rabbitmq::run(url, c, &mut counter).await,
         (s, t) => panic!("no {s} client for `{t}`"),
+    };
+    // CPU each process spent on all the workloads of the run (the broker's own is not counted).
+    let Counter::Child(server) = &counter else {
+        unreachable!("a broker run counts in the server process")
+    };
+    let spent = |after: Option<std::time::Duration>, before: Option<std::time::Duration>| {
+        after
+            .zip(before)
+            .map(|(a, b)| a.saturating_sub(b).as_secs_f64() * 1e3)
+    };
+    for (workload, ms) in [
+        ("client_cpu", spent(child::cpu_time("self"), client_before)),
+        ("server_cpu", spent(server.cpu_time(), server_before)),
+    ] {
+        if let Some(ms) = ms {
+            figs.push(Figure {
+                workload,
+                unit: "ms",
+                value: ms,
+                lower_is_better: true,
+            });
+        }
     }
+    figs
 }
 
 async fn run_side(system: &str, transport: &str, url: &str, run: usize, c: &Counts) -> Vec<Figure> {
