@@ -6,7 +6,7 @@ use std::str::FromStr;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use switchboard_core::transport::{Acker, Delivery};
-use switchboard_core::{Envelope, Error, Result, header};
+use switchboard_core::{Envelope, Error, Result, content_type, header};
 
 use crate::NAME;
 
@@ -41,17 +41,19 @@ pub(crate) fn envelope_headers(env: &Envelope, carried: InSubject) -> Result<Hea
         HeaderName::from_static(header::ID),
         HeaderValue::from(env.id.to_string()),
     );
-    map.insert(
-        HeaderName::from_static(header::SPEC_VERSION),
-        HeaderValue::from("1.0"),
-    );
+    // `ce-specversion` is always 1.0 and JSON is the default content type: on NATS, where
+    // every header is written and parsed per message by client and server, neither is sent.
     if !carried.pattern {
         map.insert(
             HeaderName::from_static(header::PATTERN),
             HeaderValue::from(env.pattern.as_str()),
         );
     }
-    if let Some(ct) = &env.content_type {
+    if let Some(ct) = env
+        .content_type
+        .as_deref()
+        .filter(|ct| *ct != content_type::JSON)
+    {
         map.insert(
             HeaderName::from_static(header::CONTENT_TYPE),
             checked_value(header::CONTENT_TYPE, ct)?,
