@@ -430,101 +430,104 @@ impl Publisher for NatsTransport {
         }
         self.check_size(msg.payload.len())?;
         let inner = &self.inner;
+        // Each route's future is boxed on its own: inlined, every publish would allocate and
+        // move a future as large as the largest route's (the JetStream one, about 2 KB).
         match route {
-            Route::Event(pattern) => {
-                let subject = inner.cfg.event_subject(pattern);
-                let carried = InSubject {
-                    pattern: true,
-                    ..Default::default()
-                };
-                match inner.cfg.events {
-                    EventMode::JetStream => {
-                        inner.ensure_streams().await?;
-                        let headers = || envelope_headers(&msg, carried);
-                        inner
-                            .js_publish(subject, headers, msg.payload.clone())
-                            .await
-                    }
-                    EventMode::Core => inner
-                        .client
-                        .publish_with_headers(
-                            subject,
-                            envelope_headers(&msg, carried)?,
-                            msg.payload,
-                        )
-                        .await
-                        .map_err(|e| conn_error("publish", e)),
-                }
-            }
-            Route::Request(pattern) => {
-                if inner.client.connection_state() != State::Connected {
-                    return Err(Error::new(
-                        ErrorKind::Connection,
-                        NAME,
-                        "not connected to NATS (reconnecting); the request was not sent",
-                    ));
-                }
-                let Some(reply_to) = msg.reply_to.as_deref() else {
-                    return Err(Error::invalid_config(
-                        NAME,
-                        "a request needs a reply address",
-                    ));
-                };
-                // The reply subject is the caller's inbox followed by the correlation id and
-                // the pattern: replies arrive on one wildcard subscription, and the server's
-                // no-responders notice (which carries nothing else) names the request and
-                // the pattern it is about.
-                let reply = match msg.correlation_id {
-                    Some(id) => format!("{reply_to}.{id}.{pattern}"),
-                    None => reply_to.to_owned(),
-                };
-                let headers = envelope_headers(
-                    &msg,
-                    InSubject {
-                        pattern: true,
-                        reply_to: true,
-                        correlation_id: false,
-                    },
-                )?;
-                inner
-                    .client
-                    .publish_with_reply_and_headers(
-                        inner.cfg.request_subject(pattern),
-                        reply,
-                        headers,
-                        msg.payload,
-                    )
-                    .await
-                    .map_err(|e| conn_error("publish", e))
-            }
-            Route::Reply(address) => {
-                // Replies to this SDK's inboxes carry the correlation id in their subject;
-                // replies to anyone else keep it as a header.
-                let headers = envelope_headers(
-                    &msg,
-                    InSubject {
-                        pattern: true,
-                        reply_to: true,
-                        correlation_id: address.starts_with(INBOX_PREFIX),
-                    },
-                )?;
-                inner
-                    .client
-                    .publish_with_headers(address.to_owned(), headers, msg.payload)
-                    .await
-                    .map_err(|e| conn_error("publish", e))
-            }
-            Route::DeadLetter(pattern) => {
-                inner.ensure_streams().await?;
-                let headers = || envelope_headers(&msg, InSubject::default());
-                Box::pin(inner.js_publish(
-                    inner.cfg.dead_letter_subject(pattern),
-                    headers,
-                    msg.payload.clone(),
-                ))
-                .await
-            }
+            Route::Event(pattern) => Box::pin(inner.publish_event(pattern, msg)).await,
+            Route::Request(pattern) => Box::pin(inner.publish_request(pattern, msg)).await,
+            Route::Reply(address) => Box::pin(inner.publish_reply(address, msg)).await,
+            Route::DeadLetter(pattern) => Box::pin(inner.publish_dead_letter(pattern, msg)).await,
         }
+    }
+}
+
+impl Inner {
+    async fn publish_event(&self, pattern: &str, msg: Envelope) -> Result<()> {
+        let subject = self.cfg.event_subject(pattern);
+        let carried = InSubject {
+            pattern: true,
+            ..Default::default()
+        };
+        match self.cfg.events {
+            EventMode::JetStream => {
+                self.ensure_streams().await?;
+                let headers = || envelope_headers(&msg, carried);
+                self.js_publish(subject, headers, msg.payload.clone()).await
+            }
+            EventMode::Core => self
+                .client
+                .publish_with_headers(subject, envelope_headers(&msg, carried)?, msg.payload)
+                .await
+                .map_err(|e| conn_error("publish", e)),
+        }
+    }
+
+    async fn publish_request(&self, pattern: &str, msg: Envelope) -> Result<()> {
+        if self.client.connection_state() != State::Connected {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                NAME,
+                "not connected to NATS (reconnecting); the request was not sent",
+            ));
+        }
+        let Some(reply_to) = msg.reply_to.as_deref() else {
+            return Err(Error::invalid_config(
+                NAME,
+                "a request needs a reply address",
+            ));
+        };
+        // The reply subject is the caller's inbox followed by the correlation id and the
+        // pattern: replies arrive on one wildcard subscription, and the server's no-responders
+        // notice (which carries nothing else) names the request and the pattern it is about.
+        let reply = match msg.correlation_id {
+            Some(id) => format!("{reply_to}.{id}.{pattern}"),
+            None => reply_to.to_owned(),
+        };
+        let headers = envelope_headers(
+            &msg,
+            InSubject {
+                pattern: true,
+                reply_to: true,
+                correlation_id: false,
+            },
+        )?;
+        self.client
+            .publish_with_reply_and_headers(
+                self.cfg.request_subject(pattern),
+                reply,
+                headers,
+                msg.payload,
+            )
+            .await
+            .map_err(|e| conn_error("publish", e))
+    }
+
+    async fn publish_reply(&self, address: &str, msg: Envelope) -> Result<()> {
+        // Replies to this SDK's inboxes carry the correlation id in their subject; replies to
+        // anyone else keep it as a header.
+        let headers = envelope_headers(
+            &msg,
+            InSubject {
+                pattern: true,
+                reply_to: true,
+                correlation_id: address.starts_with(INBOX_PREFIX),
+            },
+        )?;
+        self.client
+            .publish_with_headers(address.to_owned(), headers, msg.payload)
+            .await
+            .map_err(|e| conn_error("publish", e))
+    }
+
+    async fn publish_dead_letter(&self, pattern: &str, msg: Envelope) -> Result<()> {
+        self.ensure_streams().await?;
+        let headers = || envelope_headers(&msg, InSubject::default());
+        self.js_publish(
+            self.cfg.dead_letter_subject(pattern),
+            headers,
+            msg.payload.clone(),
+        )
+        .await
     }
 }
 
