@@ -90,6 +90,15 @@ impl Harness {
         }
     }
 
+    /// A harness whose clients connect to `url` with [`switchboard::connect`].
+    pub async fn connecting_to(name: &'static str, url: String) -> Self {
+        Harness::new(name, move || {
+            let url = url.clone();
+            async move { switchboard::connect(&url).await }
+        })
+        .await
+    }
+
     /// Gives the cases a way to publish as a foreign (non-SDK) producer would: `f(pattern,
     /// headers, payload)` with the transport's own client.
     pub fn foreign_producer<F, Fut>(mut self, f: F) -> Self

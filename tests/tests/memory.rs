@@ -9,18 +9,15 @@ async fn harness() -> Harness {
     // A foreign producer: a bare transport on the same bus, publishing headers and bytes.
     let foreign = MemoryTransport::connect(MemoryConfig::default().bus(bus));
     let foreign = std::sync::Arc::new(foreign);
-    Harness::new("memory", move || {
-        let url = url.clone();
-        async move { switchboard::connect(&url).await }
-    })
-    .await
-    .foreign_producer(move |pattern, headers, payload| {
-        let foreign = foreign.clone();
-        async move {
-            let headers = switchboard_conformance::header_refs(&headers);
-            foreign.publish_foreign(&pattern, &headers, payload)
-        }
-    })
+    Harness::connecting_to("memory", url)
+        .await
+        .foreign_producer(move |pattern, headers, payload| {
+            let foreign = foreign.clone();
+            async move {
+                let headers = switchboard_conformance::header_refs(&headers);
+                foreign.publish_foreign(&pattern, &headers, payload)
+            }
+        })
 }
 
 conformance_suite!(harness().await);

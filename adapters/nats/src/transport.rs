@@ -567,42 +567,13 @@ impl Subscriber for NatsTransport {
                         ))
                     }
                     EventMode::Core => {
-                        let sub = inner
-                            .client
-                            .queue_subscribe(subject, group.to_owned())
-                            .await
-                            .map_err(|e| conn_error("subscribe", e))?;
-                        inner
-                            .client
-                            .flush()
-                            .await
-                            .map_err(|e| conn_error("flush", e))?;
-                        Ok(core_subscription(
-                            self.inner.clone(),
-                            sub,
-                            pattern.to_owned(),
-                        ))
+                        queue_subscription(&self.inner, subject, group, pattern).await
                     }
                 }
             }
             Route::Request(pattern) => {
-                let sub = inner
-                    .client
-                    .queue_subscribe(inner.cfg.request_subject(pattern), REQUEST_GROUP.into())
-                    .await
-                    .map_err(|e| conn_error("subscribe", e))?;
-                // Returns once the server has the subscription, so a request sent right after
-                // `handle` returns finds its handler.
-                inner
-                    .client
-                    .flush()
-                    .await
-                    .map_err(|e| conn_error("flush", e))?;
-                Ok(core_subscription(
-                    self.inner.clone(),
-                    sub,
-                    pattern.to_owned(),
-                ))
+                let subject = inner.cfg.request_subject(pattern);
+                queue_subscription(&self.inner, subject, REQUEST_GROUP, pattern).await
             }
             Route::DeadLetter(pattern) => {
                 // One durable per pattern, shared by every reader: a work queue allows one
@@ -685,6 +656,27 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
         env.correlation_id = from_subject;
     }
     env
+}
+
+/// A core NATS queue subscription, returned once the server has it (so a request sent right
+/// after `handle` returns finds its handler).
+async fn queue_subscription(
+    inner: &Arc<Inner>,
+    subject: String,
+    group: &str,
+    pattern: &str,
+) -> Result<Subscription> {
+    let sub = inner
+        .client
+        .queue_subscribe(subject, group.to_owned())
+        .await
+        .map_err(|e| conn_error("subscribe", e))?;
+    inner
+        .client
+        .flush()
+        .await
+        .map_err(|e| conn_error("flush", e))?;
+    Ok(core_subscription(inner.clone(), sub, pattern.to_owned()))
 }
 
 /// Requests and core-mode events: at most once, nothing to acknowledge.

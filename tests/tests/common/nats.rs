@@ -18,16 +18,13 @@ pub(crate) async fn harness() -> Harness {
     let foreign = NatsTransport::connect(NatsConfig::from_url(&parsed).expect("config"))
         .await
         .expect("foreign producer connects to NATS");
-    Harness::new("nats", move || {
-        let url = url.clone();
-        async move { switchboard::connect(&url).await }
-    })
-    .await
-    .foreign_producer(move |pattern, headers, payload| {
-        let foreign = foreign.clone();
-        async move {
-            let headers = switchboard_conformance::header_refs(&headers);
-            foreign.publish_foreign(&pattern, &headers, payload).await
-        }
-    })
+    Harness::connecting_to("nats", url)
+        .await
+        .foreign_producer(move |pattern, headers, payload| {
+            let foreign = foreign.clone();
+            async move {
+                let headers = switchboard_conformance::header_refs(&headers);
+                foreign.publish_foreign(&pattern, &headers, payload).await
+            }
+        })
 }

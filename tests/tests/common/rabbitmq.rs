@@ -15,16 +15,13 @@ pub(crate) async fn harness() -> Harness {
     let foreign = RabbitTransport::connect(RabbitConfig::from_url(&parsed).expect("config"))
         .await
         .expect("foreign producer connects to RabbitMQ");
-    Harness::new("rabbitmq", move || {
-        let url = url.clone();
-        async move { switchboard::connect(&url).await }
-    })
-    .await
-    .foreign_producer(move |pattern, headers, payload| {
-        let foreign = foreign.clone();
-        async move {
-            let headers = switchboard_conformance::header_refs(&headers);
-            foreign.publish_foreign(&pattern, &headers, payload).await
-        }
-    })
+    Harness::connecting_to("rabbitmq", url)
+        .await
+        .foreign_producer(move |pattern, headers, payload| {
+            let foreign = foreign.clone();
+            async move {
+                let headers = switchboard_conformance::header_refs(&headers);
+                foreign.publish_foreign(&pattern, &headers, payload).await
+            }
+        })
 }
