@@ -17,20 +17,21 @@ pub(crate) fn properties(env: &Envelope, persistent: bool) -> BasicProperties {
     let mut props = BasicProperties::default();
     let mut table = FieldTable::default();
     for (k, v) in env.to_headers() {
-        let short = || ShortString::try_new(v.as_str()).ok();
-        let placed = match k {
-            header::ID => short().map(|s| props = props.clone().with_message_id(s)),
-            header::PATTERN => short().map(|s| props = props.clone().with_type(s)),
-            header::CONTENT_TYPE => short().map(|s| props = props.clone().with_content_type(s)),
-            header::CORRELATION_ID => short().map(|s| props = props.clone().with_correlation_id(s)),
-            header::REPLY_TO => short().map(|s| props = props.clone().with_reply_to(s)),
-            _ => None,
+        // The builder takes the properties by value: move them through it (no clone).
+        let taken = std::mem::take(&mut props);
+        props = match (k, ShortString::try_new(v.as_str())) {
+            (header::ID, Ok(s)) => taken.with_message_id(s),
+            (header::PATTERN, Ok(s)) => taken.with_type(s),
+            (header::CONTENT_TYPE, Ok(s)) => taken.with_content_type(s),
+            (header::CORRELATION_ID, Ok(s)) => taken.with_correlation_id(s),
+            (header::REPLY_TO, Ok(s)) => taken.with_reply_to(s),
+            _ => {
+                if let Ok(name) = ShortString::try_new(k) {
+                    table.insert(name, AMQPValue::LongString(v.into()));
+                }
+                taken
+            }
         };
-        if placed.is_none()
-            && let Ok(name) = ShortString::try_new(k)
-        {
-            table.insert(name, AMQPValue::LongString(v.into()));
-        }
     }
     props = props.with_headers(table);
     if persistent {
@@ -48,17 +49,18 @@ pub(crate) fn delivery_from(
     attempt: u32,
     acker: Box<dyn Acker>,
 ) -> Delivery {
-    let mut pairs: Vec<(&str, String)> = Vec::with_capacity(12);
-    let mut put = |k: &'static str, v: &Option<ShortString>| {
+    let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(12);
+    for (k, v) in [
+        (header::ID, props.message_id()),
+        (header::PATTERN, props.kind()),
+        (header::CONTENT_TYPE, props.content_type()),
+        (header::CORRELATION_ID, props.correlation_id()),
+        (header::REPLY_TO, props.reply_to()),
+    ] {
         if let Some(v) = v {
-            pairs.push((k, v.as_str().to_owned()));
+            pairs.push((k, std::borrow::Cow::Borrowed(v.as_str())));
         }
-    };
-    put(header::ID, props.message_id());
-    put(header::PATTERN, props.kind());
-    put(header::CONTENT_TYPE, props.content_type());
-    put(header::CORRELATION_ID, props.correlation_id());
-    put(header::REPLY_TO, props.reply_to());
+    }
     if let Some(table) = props.headers() {
         for (k, v) in table.inner() {
             if BROKER_HEADERS.contains(&k.as_str()) {
@@ -70,7 +72,7 @@ pub(crate) fn delivery_from(
         }
     }
     Delivery::decode(
-        pairs.iter().map(|(k, v)| (*k, v.as_str())),
+        pairs.iter().map(|(k, v)| (*k, v.as_ref())),
         payload.into(),
         pattern,
         attempt,
@@ -78,10 +80,11 @@ pub(crate) fn delivery_from(
     )
 }
 
-fn value_text(v: &AMQPValue) -> Option<String> {
-    Some(match v {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+fn value_text(v: &AMQPValue) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    Some(Cow::Owned(match v {
+        AMQPValue::LongString(s) => return Some(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => return Some(Cow::Borrowed(s.as_str())),
         AMQPValue::Boolean(b) => b.to_string(),
         AMQPValue::ShortShortInt(n) => n.to_string(),
         AMQPValue::ShortShortUInt(n) => n.to_string(),
@@ -92,7 +95,7 @@ fn value_text(v: &AMQPValue) -> Option<String> {
         AMQPValue::LongLongInt(n) => n.to_string(),
         AMQPValue::Timestamp(n) => n.to_string(),
         _ => return None,
-    })
+    }))
 }
 
 /// The broker's delivery count (quorum queues), if present.
