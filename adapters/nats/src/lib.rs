@@ -5,7 +5,8 @@
 //!
 //! | call | NATS feature used |
 //! | --- | --- |
-//! | `send`, `request` | core request/reply through the client's one multiplexed inbox: the reply subject is `_SB_INBOX.<client>.<correlation id>`, replies arrive on one wildcard subscription and are matched by correlation id; the server's no-responders notice fails the request at once |
+//! | `send` | async-nats's own core request/reply through the client's one multiplexed inbox (`_INBOX.<client>.*`, one subscription for all requests); a pattern nobody serves fails at once (the server's no-responders notice) |
+//! | `request` | switchboard's inbox for the client: the reply subject is `_SB_INBOX.<client>.<correlation id>.<pattern>`, replies arrive on one wildcard subscription and are matched by correlation id; the no-responders notice fails that request at once |
 //! | `emit` | JetStream publish, returning after the stream's ack (or, with `events=core`, a core publish: at-most-once) |
 //! | event handlers | one durable JetStream pull consumer per (pattern, group); members of a group share it |
 //! | request handlers | a queue group per pattern, so handlers compete |
