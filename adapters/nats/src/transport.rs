@@ -15,7 +15,7 @@ use switchboard_core::transport::{
     Subscriber, Subscription, Transport,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
-use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -699,102 +699,145 @@ fn core_subscription(
     Subscription::new(stream)
 }
 
-/// Events and dead letters from a JetStream durable consumer. A task pulls as many messages
-/// as there are free credits (`prefetch`), so a member never holds more than it can start;
-/// each delivery keeps its credit until acknowledged, rejected or dropped (a dropped
-/// delivery is given back to the server at once).
+/// Events and dead letters from a JetStream durable consumer, polled directly by the
+/// subscriber (no task in between). It pulls only as many messages as it has credits: twice
+/// the handler concurrency, one batch in the handlers and one arriving, and a pull waits until
+/// half are free, so pulls come in batches rather than one per message. Each delivery keeps
+/// its credit until acknowledged, rejected or dropped (a dropped delivery is given back to the
+/// server at once). Messages of a pull still arriving when the subscription is dropped are
+/// given back with a delay that outlasts the pull, so they go to another member.
 fn pull_subscription(
     inner: Arc<Inner>,
     consumer: jetstream::consumer::PullConsumer,
     pattern: String,
     prefetch: usize,
 ) -> Subscription {
-    let prefetch = prefetch.max(1);
-    let (tx, rx) = mpsc::channel::<Delivery>(prefetch);
-    // Credits for twice the handler concurrency: one batch in the handlers, one arriving.
-    // A pull waits until half are free, so pulls come in batches of at least `prefetch`
-    // messages, not one pull (and one inbox subscription) per message.
-    let total = u32::try_from(prefetch * 2).unwrap_or(u32::MAX);
-    let half = u32::try_from(prefetch).unwrap_or(u32::MAX);
-    let credits = Arc::new(Semaphore::new(total as usize));
-    let closed = inner.closed.clone();
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let mut permits = tokio::select! {
-                p = credits.clone().acquire_many_owned(half) => match p { Ok(p) => p, Err(_) => break },
-                _ = tx.closed() => break,
-                _ = closed.cancelled() => break,
-            };
-            let free = u32::try_from(credits.available_permits()).unwrap_or(0);
-            if free > 0
-                && let Ok(more) = credits.clone().try_acquire_many_owned(free)
-            {
-                permits.merge(more);
-            }
-            let batch = consumer
-                .batch()
-                .max_messages(permits.num_permits())
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, %pattern, "JetStream pull failed; retrying");
-                    drop(permits);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = closed.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            // The server ends a pull at its expiry; the client-side bound covers a pull lost
-            // with the connection.
-            while let Ok(Some(next)) =
-                tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), batch.next()).await
-            {
-                let msg = match next {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::debug!(error = %e, %pattern, "JetStream pull ended");
-                        break;
-                    }
-                };
-                if tx.is_closed() || closed.is_cancelled() {
-                    // Draining: give it back, delayed past this pull's end so it goes to
-                    // another member rather than back here.
-                    let _ = msg.ack_with(AckKind::Nak(Some(PULL_EXPIRES))).await;
-                    continue;
-                }
-                let attempt = msg
-                    .info()
-                    .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-                    .unwrap_or(1);
-                let permit = permits.split(1);
-                let message = msg.message;
-                let acker = Box::new(JsAcker {
-                    ack: message.reply.clone().map(|r| (inner.client.clone(), r)),
-                    _credit: permit,
-                });
-                let d = delivery_from(&message.headers, message.payload, &pattern, attempt, acker);
-                if tx.send(d).await.is_err() {
-                    // The subscription is gone; the delivery's acker gave it back on drop.
-                    continue;
-                }
-            }
-        }
-    });
-    Subscription::new(tokio_stream_from(rx))
+    let prefetch = u32::try_from(prefetch.max(1)).unwrap_or(u32::MAX / 2);
+    let state = JsSub {
+        inner,
+        consumer,
+        pattern,
+        half: prefetch,
+        credits: Arc::new(Semaphore::new((prefetch as usize) * 2)),
+        batch: None,
+        backoff: Duration::from_millis(100),
+    };
+    Subscription::new(futures::stream::unfold(state, |mut st| async move {
+        let d = st.next().await?;
+        Some((d, st))
+    }))
 }
 
-fn tokio_stream_from<T: Send + 'static>(
-    rx: mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+struct JsSub {
+    inner: Arc<Inner>,
+    consumer: jetstream::consumer::PullConsumer,
+    pattern: String,
+    half: u32,
+    credits: Arc<Semaphore>,
+    /// The pull in progress and the credits it may still use.
+    batch: Option<(jetstream::consumer::pull::Batch, OwnedSemaphorePermit)>,
+    backoff: Duration,
+}
+
+impl JsSub {
+    async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            if self.inner.closed.is_cancelled() {
+                return None;
+            }
+            if self.batch.is_none() {
+                let closed = self.inner.closed.clone();
+                let mut permits = tokio::select! {
+                    p = self.credits.clone().acquire_many_owned(self.half) => p.ok()?,
+                    _ = closed.cancelled() => return None,
+                };
+                let free = u32::try_from(self.credits.available_permits()).unwrap_or(0);
+                if free > 0
+                    && let Ok(more) = self.credits.clone().try_acquire_many_owned(free)
+                {
+                    permits.merge(more);
+                }
+                let pull = self
+                    .consumer
+                    .batch()
+                    .max_messages(permits.num_permits())
+                    .expires(PULL_EXPIRES)
+                    .messages()
+                    .await;
+                match pull {
+                    Ok(b) => {
+                        self.backoff = Duration::from_millis(100);
+                        self.batch = Some((b, permits));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, pattern = %self.pattern, "JetStream pull failed; retrying");
+                        drop(permits);
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.backoff) => {}
+                            _ = closed.cancelled() => return None,
+                        }
+                        self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            let (batch, permits) = self.batch.as_mut()?;
+            // The server ends a pull at its expiry; the client-side bound covers a pull lost
+            // with the connection.
+            let next =
+                tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), batch.next()).await;
+            let msg = match next {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, pattern = %self.pattern, "JetStream pull ended");
+                    self.batch = None;
+                    continue;
+                }
+                Ok(None) | Err(_) => {
+                    self.batch = None;
+                    continue;
+                }
+            };
+            let attempt = msg
+                .info()
+                .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
+                .unwrap_or(1);
+            let credit = permits.split(1);
+            let message = msg.message;
+            let acker = Box::new(JsAcker {
+                ack: message
+                    .reply
+                    .clone()
+                    .map(|r| (self.inner.client.clone(), r)),
+                _credit: credit,
+            });
+            return Some(delivery_from(
+                &message.headers,
+                message.payload,
+                &self.pattern,
+                attempt,
+                acker,
+            ));
+        }
+    }
+}
+
+impl Drop for JsSub {
+    fn drop(&mut self) {
+        // Give back what the pull in progress still brings, delayed past its end so it goes
+        // to another member rather than to a new pull of this one.
+        if let Some((mut batch, _credits)) = self.batch.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                while let Ok(Some(Ok(msg))) =
+                    tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(2), batch.next()).await
+                {
+                    let _ = msg.ack_with(AckKind::Nak(Some(PULL_EXPIRES))).await;
+                }
+            });
+        }
+    }
 }
 
 /// Acknowledges a JetStream message; gives it back to the server if dropped unsettled.
