@@ -441,7 +441,29 @@ impl Publisher for NatsTransport {
     }
 }
 
+/// What the NATS message of a request carries itself: the pattern (its subject) and the reply
+/// address (its reply subject). The correlation id stays a header, for the handler's context.
+const REQUEST_CARRIES: InSubject = InSubject {
+    pattern: true,
+    reply_to: true,
+    correlation_id: false,
+};
+
 impl Inner {
+    /// A request is not sent while the connection is down: it could only wait for its
+    /// deadline, so it fails at once with a retryable error.
+    fn ensure_connected(&self) -> Result<()> {
+        if self.client.connection_state() == State::Connected {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Connection,
+                NAME,
+                "not connected to NATS (reconnecting); the request was not sent",
+            ))
+        }
+    }
+
     async fn publish_event(&self, pattern: &str, msg: Envelope) -> Result<()> {
         let subject = self.cfg.event_subject(pattern);
         let carried = InSubject {
@@ -463,13 +485,7 @@ impl Inner {
     }
 
     async fn publish_request(&self, pattern: &str, msg: Envelope) -> Result<()> {
-        if self.client.connection_state() != State::Connected {
-            return Err(Error::new(
-                ErrorKind::Connection,
-                NAME,
-                "not connected to NATS (reconnecting); the request was not sent",
-            ));
-        }
+        self.ensure_connected()?;
         let Some(reply_to) = msg.reply_to.as_deref() else {
             return Err(Error::invalid_config(
                 NAME,
@@ -483,14 +499,7 @@ impl Inner {
             Some(id) => format!("{reply_to}.{id}.{pattern}"),
             None => reply_to.to_owned(),
         };
-        let headers = envelope_headers(
-            &msg,
-            InSubject {
-                pattern: true,
-                reply_to: true,
-                correlation_id: false,
-            },
-        )?;
+        let headers = envelope_headers(&msg, REQUEST_CARRIES)?;
         self.client
             .publish_with_reply_and_headers(
                 self.cfg.request_subject(pattern),
@@ -911,21 +920,8 @@ impl Requester for NatsTransport {
         if timeout.is_zero() {
             return Err(Error::timeout(NAME, timeout));
         }
-        if inner.client.connection_state() != State::Connected {
-            return Err(Error::new(
-                ErrorKind::Connection,
-                NAME,
-                "not connected to NATS (reconnecting); the request was not sent",
-            ));
-        }
-        let headers = envelope_headers(
-            &msg,
-            InSubject {
-                pattern: true,
-                reply_to: true,
-                correlation_id: false,
-            },
-        )?;
+        inner.ensure_connected()?;
+        let headers = envelope_headers(&msg, REQUEST_CARRIES)?;
         let mut lost = inner.disconnects.subscribe();
         let request = async_nats::Request::new()
             .headers(headers)
