@@ -317,54 +317,59 @@ impl Inner {
             Err(Failed::Other(e)) => Err(e),
         }
     }
+}
 
-    async fn pull_consumer(
-        &self,
-        stream: &str,
-        name: String,
-        subject: String,
-        idle: Option<Duration>,
-        deliver: jetstream::consumer::DeliverPolicy,
-    ) -> Result<jetstream::consumer::PullConsumer> {
-        self.ensure_streams().await?;
-        let stream = self
-            .js
-            .get_stream(stream)
-            .await
-            .map_err(|e| js_error("look up the stream", e))?;
-        stream
-            .get_or_create_consumer(
-                &name,
-                pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject: subject,
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: self.cfg.ack_wait,
-                    deliver_policy: deliver,
-                    max_ack_pending: 20_000,
-                    inactive_threshold: idle.unwrap_or_default(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|e| js_error("create the durable consumer", e))
-    }
+/// A durable JetStream consumer to subscribe with.
+struct Durable<'a> {
+    stream: &'a str,
+    name: String,
+    subject: String,
+    /// Delete the consumer after it had no member this long.
+    idle: Option<Duration>,
+    deliver: jetstream::consumer::DeliverPolicy,
+}
+
+/// Creates (or finds) the durable consumer and subscribes through it.
+async fn durable_subscription(
+    inner: &Arc<Inner>,
+    durable: Durable<'_>,
+    pattern: &str,
+    prefetch: usize,
+) -> Result<Subscription> {
+    inner.ensure_streams().await?;
+    let stream = inner
+        .js
+        .get_stream(durable.stream)
+        .await
+        .map_err(|e| js_error("look up the stream", e))?;
+    let consumer = stream
+        .get_or_create_consumer(
+            &durable.name,
+            pull::Config {
+                durable_name: Some(durable.name.clone()),
+                filter_subject: durable.subject,
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: inner.cfg.ack_wait,
+                deliver_policy: durable.deliver,
+                max_ack_pending: 20_000,
+                inactive_threshold: durable.idle.unwrap_or_default(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| js_error("create the durable consumer", e))?;
+    Ok(pull_subscription(
+        inner.clone(),
+        consumer,
+        pattern.to_owned(),
+        prefetch,
+    ))
 }
 
 /// A durable consumer name for `(kind, group, pattern)`: readable, and unique even where
 /// sanitising makes two names alike (`a.b` and `a_b`).
 fn durable_name(kind: &str, group: &str, pattern: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in kind
-        .bytes()
-        .chain([0])
-        .chain(group.bytes())
-        .chain([0])
-        .chain(pattern.bytes())
-    {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = switchboard_core::config::stable_hash(&[kind, group, pattern]);
     let clean = |s: &str| s.replace('.', "_");
     format!("{kind}-{}-{}-{h:016x}", clean(group), clean(pattern))
 }
@@ -558,22 +563,15 @@ impl Subscriber for NatsTransport {
                 let subject = inner.cfg.event_subject(pattern);
                 match inner.cfg.events {
                     EventMode::JetStream => {
-                        let consumer = inner
-                            .pull_consumer(
-                                &inner.cfg.stream,
-                                durable_name("evt", group, pattern),
-                                subject,
-                                inner.cfg.group_idle,
-                                // A new group starts with the events emitted from now on.
-                                jetstream::consumer::DeliverPolicy::New,
-                            )
-                            .await?;
-                        Ok(pull_subscription(
-                            self.inner.clone(),
-                            consumer,
-                            pattern.to_owned(),
-                            opts.prefetch,
-                        ))
+                        let durable = Durable {
+                            stream: &inner.cfg.stream,
+                            name: durable_name("evt", group, pattern),
+                            subject,
+                            idle: inner.cfg.group_idle,
+                            // A new group starts with the events emitted from now on.
+                            deliver: jetstream::consumer::DeliverPolicy::New,
+                        };
+                        durable_subscription(&self.inner, durable, pattern, opts.prefetch).await
                     }
                     EventMode::Core => {
                         queue_subscription(&self.inner, subject, group, pattern).await
@@ -587,22 +585,15 @@ impl Subscriber for NatsTransport {
             Route::DeadLetter(pattern) => {
                 // One durable per pattern, shared by every reader: a work queue allows one
                 // consumer per subject, and each dead letter is read once.
-                let consumer = inner
-                    .pull_consumer(
-                        &inner.cfg.dlq_stream,
-                        durable_name("dlq", "readers", pattern),
-                        inner.cfg.dead_letter_subject(pattern),
-                        None,
-                        // Every dead letter kept, however old.
-                        jetstream::consumer::DeliverPolicy::All,
-                    )
-                    .await?;
-                Ok(pull_subscription(
-                    self.inner.clone(),
-                    consumer,
-                    pattern.to_owned(),
-                    opts.prefetch,
-                ))
+                let durable = Durable {
+                    stream: &inner.cfg.dlq_stream,
+                    name: durable_name("dlq", "readers", pattern),
+                    subject: inner.cfg.dead_letter_subject(pattern),
+                    idle: None,
+                    // Every dead letter kept, however old.
+                    deliver: jetstream::consumer::DeliverPolicy::All,
+                };
+                durable_subscription(&self.inner, durable, pattern, opts.prefetch).await
             }
             Route::Reply(address) => Err(Error::invalid_config(
                 NAME,

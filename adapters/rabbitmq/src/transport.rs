@@ -108,11 +108,7 @@ fn queue_name(parts: &[&str]) -> String {
     if full.len() <= MAX_NAME {
         return full;
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in full.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = switchboard_core::config::stable_hash(&[&full]);
     let mut cut = MAX_NAME - 17;
     while !full.is_char_boundary(cut) {
         cut -= 1;

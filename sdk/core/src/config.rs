@@ -140,6 +140,20 @@ pub fn parse_nodes(adapter: &'static str, value: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// A hash of `parts` that is the same in every process and release (FNV-1a, parts separated),
+/// for broker object names that must be unique and stable: queue and consumer names.
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, part) in parts.iter().enumerate() {
+        let sep = (i > 0).then_some(0u8);
+        for b in sep.into_iter().chain(part.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 /// The error for an option an adapter does not know; `known` lists the ones it does.
 pub fn unknown_option(adapter: &'static str, key: &str, known: &[&str]) -> Error {
     Error::invalid_config(
@@ -174,6 +188,13 @@ mod tests {
         assert!(parse_count("x", "n", "-1").is_err());
         assert!(parse_bool("x", "tls", "maybe").is_err());
         assert!(parse_bool("x", "tls", "true").expect("bool"));
+    }
+
+    #[test]
+    fn stable_hash_separates_parts() {
+        assert_eq!(stable_hash(&["a", "b"]), stable_hash(&["a", "b"]));
+        assert_ne!(stable_hash(&["a.b", ""]), stable_hash(&["a", "b"]));
+        assert_ne!(stable_hash(&["ab", "c"]), stable_hash(&["a", "bc"]));
     }
 
     #[test]

@@ -35,6 +35,21 @@ async fn connect(url: &str) -> Connection {
         .expect("connect")
 }
 
+/// A consumer that settles on receipt (requests and replies).
+async fn consume_no_ack(ch: &Channel, queue: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("consume")
+}
+
 pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, total: u64) {
     let conn = connect(url).await;
     let ch = conn.create_channel().await.expect("channel");
@@ -51,18 +66,7 @@ pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, 
     )
     .await
     .expect("declare");
-    let mut requests = ch
-        .basic_consume(
-            ECHO.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut requests = consume_no_ack(&ch, ECHO).await;
     let reply_ch = ch.clone();
     tokio::spawn(async move {
         while let Some(Ok(d)) = requests.next().await {
@@ -155,18 +159,7 @@ struct Rpc {
 impl Rpc {
     async fn new(conn: &Connection) -> Self {
         let ch = conn.create_channel().await.expect("channel");
-        let mut replies = ch
-            .basic_consume(
-                "amq.rabbitmq.reply-to".into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume replies");
+        let mut replies = consume_no_ack(&ch, "amq.rabbitmq.reply-to").await;
         let waiting: Arc<DashMap<String, oneshot::Sender<Vec<u8>>>> = Arc::default();
         let w = waiting.clone();
         tokio::spawn(async move {
