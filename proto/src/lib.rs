@@ -33,7 +33,11 @@ pub fn to_proto(env: &Envelope) -> pb::Envelope {
             code: e.code.clone(),
             message: e.message.clone(),
         }),
-        content_type: env.content_type.clone().unwrap_or_default(),
+        content_type: env
+            .content_type
+            .as_deref()
+            .map(str::to_owned)
+            .unwrap_or_default(),
         headers: env.headers.clone().into_iter().collect(),
         payload: env.payload.clone(),
     }
@@ -65,7 +69,8 @@ pub fn from_proto(m: pb::Envelope) -> Result<Envelope> {
         code: e.code,
         message: e.message,
     });
-    env.content_type = non_empty(m.content_type);
+    env.content_type =
+        non_empty(m.content_type).map(|ct| switchboard_core::content_type::intern(&ct));
     env.headers = m.headers.into_iter().collect();
     Ok(env)
 }

@@ -135,6 +135,34 @@ pub async fn send_gets_its_reply(h: Harness) -> Outcome {
     Outcome::Passed
 }
 
+/// A handler is reachable as soon as `handle` returns: a `send` from another client right
+/// after it finds the handler, never `NoResponder` (the registration reached the broker, not
+/// only the socket). Repeated, since the failure it guards against is a race.
+pub async fn handler_is_reachable_once_handle_returns(h: Harness) -> Outcome {
+    let server = h.client().await;
+    let client = h.client().await;
+    for round in 0..100 {
+        let p = h.pattern("reachable");
+        within(
+            "register",
+            server.handle(
+                &p,
+                |req: Item, _ctx| async move { Ok::<_, HandlerError>(req) },
+            ),
+        )
+        .await
+        .expect("registers");
+        let reply: Item = within("send", client.send(&p, &item(round)))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: send right after handle: {e}"));
+        assert_eq!(reply, item(round));
+    }
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
 /// A handler's `Err` reaches the caller as a `Handler` error with its code: through `send` and
 /// through `request`, at once and never as a timeout.
 pub async fn handler_error_reaches_the_caller_as_a_typed_error(h: Harness) -> Outcome {
@@ -1432,6 +1460,22 @@ pub async fn broker_restart_loses_no_accepted_event(h: Harness) -> Outcome {
     }
     assert_eq!(answered.map(|r| r.id), Some(7), "requests are served again");
     gate.close();
-    let _ = within("shutdown", server.shutdown()).await;
+    // Bounded by the drain timeout (30 s) plus closing. After a RabbitMQ restart the shutdown
+    // has been seen to take longer than a step (1 run in 4, not yet explained): reported
+    // loudly, not hidden.
+    let t = std::time::Instant::now();
+    let _ = within_for(
+        Duration::from_secs(45),
+        "shutdown after the restart",
+        server.shutdown(),
+    )
+    .await;
+    if t.elapsed() > STEP {
+        eprintln!(
+            "NOTE conformance `broker_restart_loses_no_accepted_event` on `{}`: shutdown after the restart took {:?}",
+            h.name(),
+            t.elapsed()
+        );
+    }
     Outcome::Passed
 }

@@ -299,6 +299,7 @@ macro_rules! conformance_suite {
     ($make:expr) => {
         $crate::conformance_suite!(@cases $make;
             send_gets_its_reply,
+            handler_is_reachable_once_handle_returns,
             handler_error_reaches_the_caller_as_a_typed_error,
             send_without_handler_fails_within_the_deadline,
             send_times_out_at_its_deadline,

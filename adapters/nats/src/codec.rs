@@ -6,7 +6,7 @@ use std::str::FromStr;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use switchboard_core::transport::{Acker, Delivery};
-use switchboard_core::{Envelope, Error, Result, content_type, header};
+use switchboard_core::{CorrelationId, Envelope, Error, Result, content_type, header};
 
 use crate::NAME;
 
@@ -22,28 +22,42 @@ pub(crate) fn header_map<'a>(
     Ok(map)
 }
 
-/// Envelope fields the NATS message itself already carries, left out of its headers.
+/// Envelope fields the receiver knows without a header, left out of the NATS headers.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct InSubject {
+pub(crate) struct Implied {
+    /// The message id is not sent: the reader gives the message a fresh one. Replies only:
+    /// a reply is matched by its subject or correlation id and never redelivered, so nothing
+    /// reads its id, and a reply with nothing else to say travels without headers.
+    pub(crate) id: bool,
     /// The pattern is the subject after `<prefix>.evt.` / `<prefix>.req.`.
     pub(crate) pattern: bool,
     /// The reply address is the NATS reply subject.
     pub(crate) reply_to: bool,
-    /// The correlation id is a token of the (reply) subject.
+    /// The correlation id is known to the receiver: a token of the (reply) subject, or the
+    /// requester's own (a reply to a NATS request inbox, matched by its subject).
     pub(crate) correlation_id: bool,
+    /// On a request: a correlation id equal to the message id is implied (the receiver takes
+    /// `ce-id` when `sb-correlation-id` is absent).
+    pub(crate) correlation_is_id: bool,
+    /// On a reply: a causation id equal to the correlation id (the request's id, for the
+    /// SDK's requests) is implied.
+    pub(crate) causation_is_correlation: bool,
 }
 
 /// NATS headers for `env`. Reserved names are static (no allocation, no validation); user
 /// headers and the content type, which come from callers, are validated.
-pub(crate) fn envelope_headers(env: &Envelope, carried: InSubject) -> Result<HeaderMap> {
+pub(crate) fn envelope_headers(env: &Envelope, implied: Implied) -> Result<HeaderMap> {
     let mut map = HeaderMap::new();
-    map.insert(
-        HeaderName::from_static(header::ID),
-        HeaderValue::from(env.id.to_string()),
-    );
+    let mut buf = [0u8; 36];
+    if !implied.id {
+        map.insert(
+            HeaderName::from_static(header::ID),
+            HeaderValue::from(env.id.encode(&mut buf)),
+        );
+    }
     // `ce-specversion` is always 1.0 and JSON is the default content type: on NATS, where
     // every header is written and parsed per message by client and server, neither is sent.
-    if !carried.pattern {
+    if !implied.pattern {
         map.insert(
             HeaderName::from_static(header::PATTERN),
             HeaderValue::from(env.pattern.as_str()),
@@ -59,19 +73,26 @@ pub(crate) fn envelope_headers(env: &Envelope, carried: InSubject) -> Result<Hea
             checked_value(header::CONTENT_TYPE, ct)?,
         );
     }
-    if let (Some(c), false) = (&env.correlation_id, carried.correlation_id) {
+    let same_as_id = |c: &CorrelationId| c.as_uuid() == env.id.as_uuid();
+    let correlation = env
+        .correlation_id
+        .filter(|c| !(implied.correlation_id || implied.correlation_is_id && same_as_id(c)));
+    if let Some(c) = correlation {
         map.insert(
             HeaderName::from_static(header::CORRELATION_ID),
-            HeaderValue::from(c.to_string()),
+            HeaderValue::from(c.encode(&mut buf)),
         );
     }
-    if let Some(c) = &env.causation_id {
+    let causation = env
+        .causation_id
+        .filter(|_| !(implied.causation_is_correlation && env.causation_implied()));
+    if let Some(c) = causation {
         map.insert(
             HeaderName::from_static(header::CAUSATION_ID),
-            HeaderValue::from(c.to_string()),
+            HeaderValue::from(c.encode(&mut buf)),
         );
     }
-    if let (Some(r), false) = (&env.reply_to, carried.reply_to) {
+    if let (Some(r), false) = (&env.reply_to, implied.reply_to) {
         map.insert(
             HeaderName::from_static(header::REPLY_TO),
             checked_value(header::REPLY_TO, r)?,
@@ -146,8 +167,8 @@ pub(crate) fn delivery_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_core::MessageId;
     use switchboard_core::transport::NoAck;
-    use switchboard_core::{CorrelationId, Envelope};
 
     #[test]
     fn envelope_round_trips_through_nats_headers() {
@@ -156,7 +177,7 @@ mod tests {
             .with_header("x-tenant", "acme");
         env.correlation_id = Some(CorrelationId::new());
         env.key = Some("k1".into());
-        let map = envelope_headers(&env, InSubject::default()).expect("maps");
+        let map = envelope_headers(&env, Implied::default()).expect("maps");
         let (back, _, malformed, _) =
             delivery_from(&Some(map), env.payload.clone(), "x", 1, Box::new(NoAck)).into_parts();
         assert!(malformed.is_none());
@@ -175,10 +196,11 @@ mod tests {
         let mut env = Envelope::new("users.get", Bytes::new());
         env.correlation_id = Some(CorrelationId::new());
         env.reply_to = Some("_SB_INBOX.x".into());
-        let all = InSubject {
+        let all = Implied {
             pattern: true,
             reply_to: true,
             correlation_id: true,
+            ..Implied::default()
         };
         let map = envelope_headers(&env, all).expect("maps");
         for name in [header::PATTERN, header::REPLY_TO, header::CORRELATION_ID] {
@@ -187,6 +209,47 @@ mod tests {
         assert!(map.get(header::ID).is_some());
         let bad = Envelope::new("p", Bytes::new()).with_header("x-evil", "a\r\nb");
         assert!(envelope_headers(&bad, all).is_err());
+    }
+
+    #[test]
+    fn implied_ids_are_left_out_and_filled_in_again() {
+        // A request whose correlation id is its own id sends neither twice.
+        let mut req = Envelope::new("users.get", Bytes::new());
+        req.correlation_id = Some(CorrelationId::from(req.id));
+        let request = Implied {
+            correlation_is_id: true,
+            ..Implied::default()
+        };
+        let map = envelope_headers(&req, request).expect("maps");
+        assert!(map.get(header::CORRELATION_ID).is_none());
+        // A correlation id the caller chose is sent.
+        let mut custom = req.clone();
+        custom.correlation_id = Some(CorrelationId::new());
+        let map = envelope_headers(&custom, request).expect("maps");
+        assert!(map.get(header::CORRELATION_ID).is_some());
+
+        // The reply to it: causation (the request's id) equals the correlation id.
+        let mut reply = Envelope::reply_to(&req, Bytes::new());
+        assert_eq!(reply.causation_id, Some(req.id));
+        let implied = Implied {
+            id: true,
+            pattern: true,
+            reply_to: true,
+            correlation_id: true,
+            causation_is_correlation: true,
+            ..Implied::default()
+        };
+        let map = envelope_headers(&reply, implied).expect("maps");
+        assert!(map.is_empty(), "a plain reply needs no headers: {map:?}");
+        let (mut back, ..) =
+            delivery_from(&Some(map), Bytes::new(), "users.get", 1, Box::new(NoAck)).into_parts();
+        back.complete_reply(req.correlation_id);
+        assert_eq!(back.correlation_id, req.correlation_id);
+        assert_eq!(back.causation_id, Some(req.id));
+        // A reply caused by something else than its correlation id says so.
+        reply.causation_id = Some(MessageId::new());
+        let map = envelope_headers(&reply, implied).expect("maps");
+        assert!(map.get(header::CAUSATION_ID).is_some());
     }
 
     #[test]

@@ -225,17 +225,27 @@ impl NatsConfig {
 
     /// Subject events on `pattern` are published to.
     pub(crate) fn event_subject(&self, pattern: &str) -> String {
-        format!("{}.evt.{pattern}", self.prefix)
+        self.subject(".evt.", pattern)
     }
 
     /// Subject requests to `pattern` are published to.
     pub(crate) fn request_subject(&self, pattern: &str) -> String {
-        format!("{}.req.{pattern}", self.prefix)
+        self.subject(".req.", pattern)
     }
 
     /// Subject dead letters of `pattern` are kept under.
     pub(crate) fn dead_letter_subject(&self, pattern: &str) -> String {
-        format!("{}.dlq.{pattern}", self.prefix)
+        self.subject(".dlq.", pattern)
+    }
+
+    /// `<prefix><kind><pattern>`, built in one exact allocation (one per message: no
+    /// formatting machinery).
+    fn subject(&self, kind: &str, pattern: &str) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + kind.len() + pattern.len());
+        s.push_str(&self.prefix);
+        s.push_str(kind);
+        s.push_str(pattern);
+        s
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::NAME;
-use crate::codec::{InSubject, delivery_from, envelope_headers, header_map};
+use crate::codec::{Implied, delivery_from, envelope_headers, header_map};
 use crate::config::{EventMode, NatsConfig};
 
 /// First part of every client inbox subject.
@@ -435,26 +435,54 @@ impl Publisher for NatsTransport {
         }
         self.check_size(msg.payload.len())?;
         let inner = &self.inner;
-        // Each route's future is boxed on its own: inlined, every publish would allocate and
-        // move a future as large as the largest route's (the JetStream one, about 2 KB).
+        // The JetStream routes' futures are boxed on their own: inlined, every publish would
+        // allocate and move a future as large as theirs (about 2 KB). Requests and replies
+        // (core NATS, small futures) are not boxed again.
         match route {
             Route::Event(pattern) => Box::pin(inner.publish_event(pattern, msg)).await,
-            Route::Request(pattern) => Box::pin(inner.publish_request(pattern, msg)).await,
-            Route::Reply(address) => Box::pin(inner.publish_reply(address, msg)).await,
+            Route::Request(pattern) => inner.publish_request(pattern, msg).await,
+            Route::Reply(address) => inner.publish_reply(address, msg).await,
             Route::DeadLetter(pattern) => Box::pin(inner.publish_dead_letter(pattern, msg)).await,
         }
     }
 }
 
 /// What the NATS message of a request carries itself: the pattern (its subject) and the reply
-/// address (its reply subject). The correlation id stays a header, for the handler's context.
-const REQUEST_CARRIES: InSubject = InSubject {
+/// address (its reply subject). The correlation id is a header, for the handler's context,
+/// unless it is the request's own id (the SDK's default), which the handler takes from `ce-id`.
+const REQUEST_CARRIES: Implied = Implied {
+    id: false,
     pattern: true,
     reply_to: true,
     correlation_id: false,
+    correlation_is_id: true,
+    causation_is_correlation: false,
 };
 
+/// The prefix NATS clients give their request inboxes by default (async-nats's `send` uses
+/// it): a reply there is matched by its subject, so it needs no correlation header.
+const NATS_INBOX_PREFIX: &str = "_INBOX.";
+
 impl Inner {
+    /// Returns once the server has processed every command this connection sent before the
+    /// call, such as a new subscription: a message published from another connection after
+    /// this returns finds it. (`Client::flush` only writes the client's buffer to the socket;
+    /// the server may not have read it yet.) The round trip is a request to a fresh subject
+    /// nobody listens on, which the server answers with "no responders" in order, after what
+    /// came before it on this connection.
+    async fn sync_with_server(&self) -> Result<()> {
+        let request = async_nats::Request::new().timeout(Some(self.cfg.connect_timeout));
+        match self
+            .client
+            .send_request(self.client.new_inbox(), request)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(conn_error("sync with the server", e)),
+        }
+    }
+
     /// A request is not sent while the connection is down: it could only wait for its
     /// deadline, so it fails at once with a retryable error.
     fn ensure_connected(&self) -> Result<()> {
@@ -471,9 +499,9 @@ impl Inner {
 
     async fn publish_event(&self, pattern: &str, msg: Envelope) -> Result<()> {
         let subject = self.cfg.event_subject(pattern);
-        let carried = InSubject {
+        let carried = Implied {
             pattern: true,
-            ..Default::default()
+            ..Implied::default()
         };
         match self.cfg.events {
             EventMode::JetStream => {
@@ -516,26 +544,34 @@ impl Inner {
             .map_err(|e| conn_error("publish", e))
     }
 
-    async fn publish_reply(&self, address: &str, msg: Envelope) -> Result<()> {
-        // Replies to this SDK's inboxes carry the correlation id in their subject; replies to
-        // anyone else keep it as a header.
+    async fn publish_reply(&self, address: &str, mut msg: Envelope) -> Result<()> {
+        // Replies to this SDK's inboxes carry the correlation id in their subject, replies to
+        // a NATS request inbox are matched by their subject; replies to anywhere else keep it
+        // as a header. The causation id (the request's id) is left out when it equals the
+        // correlation id: the reader takes one for the other. Nothing reads a reply's own id.
+        // A successful JSON reply thus travels without headers, as a plain NATS message.
         let headers = envelope_headers(
             &msg,
-            InSubject {
+            Implied {
+                id: true,
                 pattern: true,
                 reply_to: true,
-                correlation_id: address.starts_with(INBOX_PREFIX),
+                correlation_id: address.starts_with(INBOX_PREFIX)
+                    || address.starts_with(NATS_INBOX_PREFIX),
+                correlation_is_id: false,
+                causation_is_correlation: true,
             },
         )?;
+        let subject = msg.take_reply_address(address);
         self.client
-            .publish_with_headers(address.to_owned(), headers, msg.payload)
+            .publish_with_headers(subject, headers, msg.payload)
             .await
             .map_err(|e| conn_error("publish", e))
     }
 
     async fn publish_dead_letter(&self, pattern: &str, msg: Envelope) -> Result<()> {
         self.ensure_streams().await?;
-        let headers = || envelope_headers(&msg, InSubject::default());
+        let headers = || envelope_headers(&msg, Implied::default());
         self.js_publish(
             self.cfg.dead_letter_subject(pattern),
             headers,
@@ -613,11 +649,7 @@ impl Subscriber for NatsTransport {
             .subscribe(format!("{address}.>"))
             .await
             .map_err(|e| conn_error("subscribe", e))?;
-        self.inner
-            .client
-            .flush()
-            .await
-            .map_err(|e| conn_error("flush", e))?;
+        self.inner.sync_with_server().await?;
         let closed = self.inner.closed.clone();
         let skip = address.len() + 1;
         let stream = sub
@@ -652,9 +684,7 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
     if let Some(why) = malformed {
         tracing::debug!(reason = %why, "reply with malformed headers");
     }
-    if env.correlation_id.is_none() {
-        env.correlation_id = from_subject;
-    }
+    env.complete_reply(from_subject);
     env
 }
 
@@ -671,11 +701,7 @@ async fn queue_subscription(
         .queue_subscribe(subject, group.to_owned())
         .await
         .map_err(|e| conn_error("subscribe", e))?;
-    inner
-        .client
-        .flush()
-        .await
-        .map_err(|e| conn_error("flush", e))?;
+    inner.sync_with_server().await?;
     Ok(core_subscription(inner.clone(), sub, pattern.to_owned()))
 }
 
@@ -688,11 +714,14 @@ fn core_subscription(
     let stream = sub
         .take_until(inner.closed.clone().cancelled_owned())
         .map(move |m| {
-            let reply = m.reply.clone();
             let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck));
-            // The NATS reply subject is where the answer must go, whatever a header says.
-            if let Some(r) = reply {
-                d.envelope.reply_to = Some(r.to_string());
+            // The NATS reply subject is where the answer must go, whatever a header says; a
+            // request without a correlation header is correlated by its own id.
+            if let Some(r) = m.reply {
+                let env = &mut d.envelope;
+                env.reply_to = Some(r.to_string());
+                env.correlation_id
+                    .get_or_insert(CorrelationId::from(env.id));
             }
             d
         });
@@ -913,6 +942,7 @@ impl Requester for NatsTransport {
         }
         inner.ensure_connected()?;
         let headers = envelope_headers(&msg, REQUEST_CARRIES)?;
+        let correlation = msg.correlation_id;
         let mut lost = inner.disconnects.subscribe();
         let request = async_nats::Request::new()
             .headers(headers)
@@ -932,7 +962,10 @@ impl Requester for NatsTransport {
             Ok(m) => match delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck))
                 .into_parts()
             {
-                (env, _, None, _) => Ok(env),
+                (mut env, _, None, _) => {
+                    env.complete_reply(correlation);
+                    Ok(env)
+                }
                 (_, _, Some(why), _) => Err(Error::codec(
                     NAME,
                     format!("reply has malformed headers: {why}"),

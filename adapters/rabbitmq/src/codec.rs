@@ -5,39 +5,99 @@
 //! headers table as strings, under the names in docs/wire.md.
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use switchboard_core::transport::{Acker, Delivery};
 use switchboard_core::{Envelope, header};
 
 /// Headers the broker adds that are not part of the envelope.
 const BROKER_HEADERS: &[&str] = &["x-delivery-count", "x-death", "x-first-death-exchange"];
 
-/// AMQP properties for `env`. Persistent messages survive a broker restart.
-pub(crate) fn properties(env: &Envelope, persistent: bool) -> BasicProperties {
+/// What kind of message the properties are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// An event, request or dead letter: everything is sent.
+    Message,
+    /// A reply: its id (nothing reads a reply's id), pattern (the caller knows what it
+    /// asked), reply address (it is where the reply goes) and a causation id equal to its
+    /// correlation id (the request's id) are left out, as on NATS (docs/wire.md).
+    Reply,
+}
+
+/// AMQP properties for `env`. Persistent messages survive a broker restart. Built from the
+/// envelope's fields directly: each value is written once, not formatted and copied again.
+/// `ce-specversion` (always 1.0) is not sent.
+pub(crate) fn properties(env: &Envelope, persistent: bool, kind: Kind) -> BasicProperties {
+    let reply = kind == Kind::Reply;
     let mut props = BasicProperties::default();
     let mut table = FieldTable::default();
-    for (k, v) in env.to_headers() {
-        // The builder takes the properties by value: move them through it (no clone).
-        let taken = std::mem::take(&mut props);
-        props = match (k, ShortString::try_new(v.as_str())) {
-            (header::ID, Ok(s)) => taken.with_message_id(s),
-            (header::PATTERN, Ok(s)) => taken.with_type(s),
-            (header::CONTENT_TYPE, Ok(s)) => taken.with_content_type(s),
-            (header::CORRELATION_ID, Ok(s)) => taken.with_correlation_id(s),
-            (header::REPLY_TO, Ok(s)) => taken.with_reply_to(s),
-            _ => {
-                if let Ok(name) = ShortString::try_new(k) {
-                    table.insert(name, AMQPValue::LongString(v.into()));
-                }
-                taken
-            }
-        };
+    let mut buf = [0u8; 36];
+    // A property where AMQP has one (a short string: at most 255 bytes); a longer value goes
+    // to the headers table under its header name instead.
+    let short = |table: &mut FieldTable, name: &str, value: &str| {
+        if value.len() <= 255 {
+            Some(ShortString::from(value))
+        } else {
+            table.insert(name.into(), AMQPValue::LongString(value.into()));
+            None
+        }
+    };
+    if !reply {
+        if let Some(s) = short(&mut table, header::ID, env.id.encode(&mut buf)) {
+            props = props.with_message_id(s);
+        }
+        if let Some(s) = short(&mut table, header::PATTERN, &env.pattern) {
+            props = props.with_type(s);
+        }
+        if let Some(s) = env
+            .reply_to
+            .as_deref()
+            .and_then(|r| short(&mut table, header::REPLY_TO, r))
+        {
+            props = props.with_reply_to(s);
+        }
     }
-    props = props.with_headers(table);
+    if let Some(s) = env
+        .content_type
+        .as_deref()
+        .and_then(|ct| short(&mut table, header::CONTENT_TYPE, ct))
+    {
+        props = props.with_content_type(s);
+    }
+    if let Some(c) = env.correlation_id {
+        props = props.with_correlation_id(ShortString::from(c.encode(&mut buf)));
+    }
+    if let Some(c) = env
+        .causation_id
+        .filter(|_| !(reply && env.causation_implied()))
+    {
+        put(&mut table, header::CAUSATION_ID, c.encode(&mut buf));
+    }
+    if let Some(d) = env.deadline {
+        let ms = switchboard_core::envelope::system_time_to_millis(d);
+        put(&mut table, header::DEADLINE, ms.to_string());
+    }
+    if let Some(k) = &env.key {
+        put(&mut table, header::KEY, k.as_str());
+    }
+    if let Some(e) = &env.error {
+        put(&mut table, header::ERROR_CODE, e.code.as_str());
+        put(&mut table, header::ERROR_MESSAGE, e.message.as_str());
+    }
+    for (k, v) in &env.headers {
+        put(&mut table, k, v.as_str());
+    }
+    if !table.inner().is_empty() {
+        props = props.with_headers(table);
+    }
     if persistent {
         props = props.with_delivery_mode(2);
     }
     props
+}
+
+/// One headers-table entry, a long string (an owned value is moved in, not copied).
+fn put(table: &mut FieldTable, name: &str, value: impl Into<LongString>) {
+    table.insert(name.into(), AMQPValue::LongString(value.into()));
 }
 
 /// A delivery from AMQP properties, headers and body ([`Delivery::decode`]). Header values
@@ -118,7 +178,7 @@ mod tests {
         env.correlation_id = Some(CorrelationId::new());
         env.reply_to = Some("sb.reply.c1".into());
         env.key = Some("k".into());
-        let props = properties(&env, true);
+        let props = properties(&env, true, Kind::Message);
         assert_eq!(props.delivery_mode(), &Some(2));
         assert_eq!(
             props.message_id().as_ref().map(|s| s.as_str().to_owned()),
@@ -137,6 +197,32 @@ mod tests {
             back.headers.get("x-tenant").map(String::as_str),
             Some("acme")
         );
+    }
+
+    #[test]
+    fn replies_leave_out_what_the_requester_knows() {
+        let mut req = Envelope::new("users.get", &b"{}"[..]);
+        req.correlation_id = Some(CorrelationId::from(req.id));
+        req.reply_to = Some("amq.rabbitmq.reply-to.x".into());
+        req.headers.insert("x-long".into(), "v".repeat(300));
+        let reply = Envelope::reply_to(&req, &b"{}"[..]).with_content_type("application/json");
+        let props = properties(&reply, false, Kind::Reply);
+        assert!(props.message_id().is_none());
+        assert!(props.kind().is_none());
+        assert!(props.reply_to().is_none());
+        assert!(props.headers().is_none(), "no table: {:?}", props.headers());
+        let (mut back, ..) =
+            delivery_from(&props, b"{}".to_vec(), "", 1, Box::new(NoAck)).into_parts();
+        back.complete_reply(None);
+        assert_eq!(back.correlation_id, req.correlation_id);
+        assert_eq!(back.causation_id, Some(req.id));
+        // A value too long for a property travels in the headers table.
+        let mut long = req.clone();
+        long.reply_to = Some("q".repeat(300));
+        let props = properties(&long, false, Kind::Message);
+        assert!(props.reply_to().is_none());
+        let back = delivery_from(&props, Vec::new(), "", 1, Box::new(NoAck)).envelope;
+        assert_eq!(back.reply_to, long.reply_to);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::NAME;
-use crate::codec::{delivery_count, delivery_from, properties};
+use crate::codec::{Kind, delivery_count, delivery_from, properties};
 use crate::config::{QueueType, RabbitConfig};
 
 /// RabbitMQ's pseudo-queue for direct reply-to.
@@ -96,10 +96,16 @@ fn amqp_error(what: &str, e: lapin::Error) -> Error {
     .with_source(e)
 }
 
-fn short(s: &str) -> Result<ShortString> {
-    ShortString::try_new(s).map_err(|_| {
-        Error::invalid_config(NAME, format!("`{s}` is longer than AMQP's 255-byte limit"))
-    })
+fn short(s: impl Into<String>) -> Result<ShortString> {
+    let s: String = s.into();
+    if s.len() > 255 {
+        return Err(Error::invalid_config(
+            NAME,
+            format!("`{s}` is longer than AMQP's 255-byte limit"),
+        ));
+    }
+    // An owned string is moved in, not copied.
+    Ok(ShortString::from(s))
 }
 
 /// A queue name from parts, kept under AMQP's limit (a long one ends in a hash of the whole).
@@ -166,7 +172,7 @@ impl RabbitTransport {
     ) -> Result<()> {
         let mut table = FieldTable::default();
         for (k, v) in headers {
-            table.insert(short(k)?, AMQPValue::LongString((*v).into()));
+            table.insert(short(*k)?, AMQPValue::LongString((*v).into()));
         }
         let props = BasicProperties::default()
             .with_headers(table)
@@ -400,12 +406,13 @@ impl Inner {
                 let waiter = corr.and_then(|c| calls.remove(&c)).map(|(_, tx)| tx);
                 match waiter {
                     Some(tx) => {
-                        let (env, _, malformed, _) =
+                        let (mut env, _, malformed, _) =
                             delivery_from(&d.properties, d.data, "", 1, Box::new(NoAck))
                                 .into_parts();
                         if let Some(why) = malformed {
                             tracing::debug!(reason = %why, "reply with malformed headers");
                         }
+                        env.complete_reply(None);
                         let _ = tx.send(env);
                     }
                     None => {
@@ -539,7 +546,7 @@ impl Inner {
     ) -> Result<lapin::PublisherConfirm> {
         ch.basic_publish(
             "".into(),
-            short(&self.request_queue(pattern))?,
+            short(self.request_queue(pattern))?,
             BasicPublishOptions {
                 mandatory: true,
                 ..Default::default()
@@ -716,9 +723,15 @@ fn to_delivery(source: &Source, d: lapin::message::Delivery) -> Delivery {
     } = d;
     if source.no_ack() {
         let mut d = delivery_from(&properties, data, source.pattern(), 1, Box::new(NoAck));
+        if matches!(source, Source::Inbox { .. }) {
+            d.envelope.complete_reply(None);
+        }
         if let Some(r) = properties.reply_to() {
-            // The AMQP reply-to is where the answer must go, whatever a header says.
-            d.envelope.reply_to = Some(r.as_str().to_owned());
+            // The AMQP reply-to is where the answer must go, whatever a header says (read
+            // from the property already unless a header overrode it).
+            if d.envelope.reply_to.as_deref() != Some(r.as_str()) {
+                d.envelope.reply_to = Some(r.as_str().to_owned());
+            }
         }
         return d;
     }
@@ -803,7 +816,7 @@ impl Publisher for RabbitTransport {
         let s = inner.session().await?;
         match route {
             Route::Event(pattern) => {
-                let props = properties(&msg, true);
+                let props = properties(&msg, true, Kind::Message);
                 confirmed(
                     &s.confirm,
                     &inner.cfg.exchange,
@@ -815,7 +828,7 @@ impl Publisher for RabbitTransport {
                 .await
             }
             Route::DeadLetter(pattern) => {
-                let props = properties(&msg, true);
+                let props = properties(&msg, true, Kind::Message);
                 confirmed(
                     &s.confirm,
                     &inner.cfg.dead_letter_exchange,
@@ -830,7 +843,7 @@ impl Publisher for RabbitTransport {
                 // Mandatory: a request no queue takes comes back from the broker. `request`
                 // returns at once, so the confirm is awaited aside and a returned request
                 // becomes a `no_responder` reply in the caller's inbox.
-                let props = with_expiration(properties(&msg, false), &msg);
+                let props = with_expiration(properties(&msg, false, Kind::Message), &msg);
                 let confirm = inner
                     .publish_request(&s.confirm, pattern, &msg.payload, props)
                     .await?;
@@ -862,11 +875,12 @@ impl Publisher for RabbitTransport {
                 Ok(())
             }
             Route::Reply(address) => {
-                let props = properties(&msg, false);
+                let props = properties(&msg, false, Kind::Reply);
+                let mut msg = msg;
                 s.fast
                     .basic_publish(
                         "".into(),
-                        short(address)?,
+                        short(msg.take_reply_address(address))?,
                         BasicPublishOptions::default(),
                         &msg.payload,
                         props,
@@ -969,8 +983,8 @@ impl Requester for RabbitTransport {
             calls: &inner.calls,
             id,
         };
-        let props =
-            with_expiration(properties(&msg, false), &msg).with_reply_to(DIRECT_REPLY_TO.into());
+        let props = with_expiration(properties(&msg, false, Kind::Message), &msg)
+            .with_reply_to(DIRECT_REPLY_TO.into());
         let confirm = inner
             .publish_request(&s.rpc, pattern, &msg.payload, props)
             .await?;

@@ -393,7 +393,8 @@ impl Client {
         Counters::inc(&self.inner.counters.sent);
         let reply = match self.inner.transport.requester() {
             Some(r) => {
-                env.correlation_id.get_or_insert_with(CorrelationId::new);
+                env.correlation_id
+                    .get_or_insert(CorrelationId::from(env.id));
                 r.call(pattern, env, deadline).await.map_err(|e| {
                     // The requester only knows the deadline; the caller asked for a timeout.
                     if e.kind() == ErrorKind::Timeout {

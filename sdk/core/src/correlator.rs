@@ -164,7 +164,7 @@ impl Correlator {
         timeout: Duration,
         sink: Sink,
     ) -> Result<CorrelationId> {
-        let id = CorrelationId::new();
+        let id = CorrelationId::from(msg.id);
         msg.correlation_id = Some(id);
         msg.reply_to = Some(self.address.clone());
         self.pending.insert(

@@ -4,6 +4,7 @@
 //! rest carry [`Envelope::to_headers`] as string headers or message attributes. The names are
 //! documented in `docs/wire.md`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -60,6 +61,28 @@ pub mod content_type {
     pub const PROTOBUF: &str = "application/x-protobuf";
     /// Raw bytes, passed through untouched.
     pub const BYTES: &str = "application/octet-stream";
+
+    /// A content type read off the wire: the SDK's own ones without an allocation.
+    pub fn intern(ct: &str) -> std::borrow::Cow<'static, str> {
+        match ct {
+            JSON => JSON.into(),
+            PROTOBUF => PROTOBUF.into(),
+            BYTES => BYTES.into(),
+            other => other.to_owned().into(),
+        }
+    }
+}
+
+thread_local! {
+    static V7: uuid::timestamp::context::ContextV7 =
+        const { uuid::timestamp::context::ContextV7::new() };
+}
+
+/// A UUIDv7 from a per-thread context: ids from one thread are strictly increasing, as with
+/// `Uuid::now_v7`, but threads do not take turns on one shared lock for every message.
+fn new_v7() -> Uuid {
+    use uuid::timestamp::context::ThreadLocalContext;
+    Uuid::new_v7(uuid::Timestamp::now(ThreadLocalContext::new(&V7)))
 }
 
 macro_rules! id_type {
@@ -71,12 +94,17 @@ macro_rules! id_type {
         impl $name {
             /// A new, time-ordered (UUIDv7) id.
             pub fn new() -> Self {
-                $name(Uuid::now_v7())
+                $name(new_v7())
             }
 
             /// The id as a UUID.
             pub fn as_uuid(&self) -> Uuid {
                 self.0
+            }
+
+            /// The id as hyphenated lower-case text, written into `buf` (no allocation).
+            pub fn encode<'b>(&self, buf: &'b mut [u8; 36]) -> &'b str {
+                self.0.hyphenated().encode_lower(buf)
             }
         }
 
@@ -125,6 +153,20 @@ id_type!(
     CorrelationId
 );
 
+/// A request's correlation id is, unless the caller set one, the request's own message id:
+/// one id fewer to draw and, on transports that carry headers, one header fewer to send.
+impl From<MessageId> for CorrelationId {
+    fn from(id: MessageId) -> Self {
+        CorrelationId(id.0)
+    }
+}
+
+impl From<CorrelationId> for MessageId {
+    fn from(id: CorrelationId) -> Self {
+        MessageId(id.0)
+    }
+}
+
 /// An error carried by a reply: the responder's code and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyError {
@@ -155,7 +197,8 @@ pub struct Envelope {
     /// On replies: the responder's error, if its handler failed.
     pub error: Option<ReplyError>,
     /// Content type of `payload`; `None` means unknown (treated as JSON by typed handlers).
-    pub content_type: Option<String>,
+    /// The SDK's own content types are static strings, not allocated per message.
+    pub content_type: Option<Cow<'static, str>>,
     /// Other headers: `traceparent`, `tracestate` and user headers.
     pub headers: BTreeMap<String, String>,
     /// The payload.
@@ -165,9 +208,14 @@ pub struct Envelope {
 impl Envelope {
     /// A new envelope with a fresh id.
     pub fn new(pattern: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self::with_id(MessageId::new(), pattern.into(), payload.into())
+    }
+
+    /// An envelope with the given id and nothing else set.
+    fn with_id(id: MessageId, pattern: String, payload: Bytes) -> Self {
         Envelope {
-            id: MessageId::new(),
-            pattern: pattern.into(),
+            id,
+            pattern,
             correlation_id: None,
             causation_id: None,
             reply_to: None,
@@ -176,12 +224,12 @@ impl Envelope {
             error: None,
             content_type: None,
             headers: BTreeMap::new(),
-            payload: payload.into(),
+            payload,
         }
     }
 
     /// Sets the content type.
-    pub fn with_content_type(mut self, ct: impl Into<String>) -> Self {
+    pub fn with_content_type(mut self, ct: impl Into<Cow<'static, str>>) -> Self {
         self.content_type = Some(ct.into());
         self
     }
@@ -207,6 +255,33 @@ impl Envelope {
         reply
     }
 
+    /// Whether a reply may leave out its causation id: it equals the correlation id (the
+    /// request's id, for the SDK's requests), which [`Envelope::complete_reply`] takes for it.
+    pub fn causation_implied(&self) -> bool {
+        matches!((self.causation_id, self.correlation_id), (Some(c), Some(k)) if c.as_uuid() == k.as_uuid())
+    }
+
+    /// The address of a reply as an owned string for the transport: the envelope's own
+    /// `reply_to` moved out when it is `address` (the usual case: no copy), else a copy.
+    pub fn take_reply_address(&mut self, address: &str) -> String {
+        match self.reply_to.take() {
+            Some(r) if r == address => r,
+            _ => address.to_owned(),
+        }
+    }
+
+    /// Fills in what a reply may leave out because its requester knows it (docs/wire.md): the
+    /// correlation id (`correlation`, the request's) and the causation id (then the request's
+    /// id, which is its correlation id unless the caller chose one). Ids already present stay.
+    pub fn complete_reply(&mut self, correlation: Option<CorrelationId>) {
+        if self.correlation_id.is_none() {
+            self.correlation_id = correlation;
+        }
+        if self.causation_id.is_none() {
+            self.causation_id = self.correlation_id.map(MessageId::from);
+        }
+    }
+
     /// Whether the deadline, if any, has passed.
     pub fn is_expired(&self) -> bool {
         self.deadline.is_some_and(|d| d <= SystemTime::now())
@@ -229,7 +304,7 @@ impl Envelope {
         h.push((header::PATTERN, self.pattern.clone()));
         h.push((header::SPEC_VERSION, "1.0".to_owned()));
         if let Some(ct) = &self.content_type {
-            h.push((header::CONTENT_TYPE, ct.clone()));
+            h.push((header::CONTENT_TYPE, ct.to_string()));
         }
         if let Some(c) = &self.correlation_id {
             h.push((header::CORRELATION_ID, c.to_string()));
@@ -271,13 +346,16 @@ impl Envelope {
         payload: Bytes,
         fallback_pattern: &str,
     ) -> Result<Envelope> {
-        let mut env = Envelope::new(fallback_pattern, payload);
+        // A fresh id only when the message has none (drawing one costs a clock read).
+        let mut id = None;
+        let mut pattern = None;
+        let mut env = Envelope::with_id(MessageId(Uuid::nil()), String::new(), payload);
         for (name, value) in headers {
             match name {
-                header::ID => env.id = parse_id(name, value)?,
-                header::PATTERN => env.pattern = value.to_owned(),
+                header::ID => id = Some(parse_id(name, value)?),
+                header::PATTERN => pattern = Some(value),
                 header::SPEC_VERSION => {}
-                header::CONTENT_TYPE => env.content_type = Some(value.to_owned()),
+                header::CONTENT_TYPE => env.content_type = Some(content_type::intern(value)),
                 header::CORRELATION_ID => env.correlation_id = Some(parse_id(name, value)?),
                 header::CAUSATION_ID => env.causation_id = Some(parse_id(name, value)?),
                 header::REPLY_TO => env.reply_to = Some(value.to_owned()),
@@ -305,6 +383,8 @@ impl Envelope {
                 }
             }
         }
+        env.id = id.unwrap_or_default();
+        env.pattern = pattern.unwrap_or(fallback_pattern).to_owned();
         Ok(env)
     }
 }
@@ -401,9 +481,32 @@ mod tests {
     }
 
     #[test]
+    fn reply_helpers_follow_the_wire_rules() {
+        let mut req = Envelope::new("users.get", Bytes::new());
+        req.correlation_id = Some(CorrelationId::from(req.id));
+        req.reply_to = Some("inbox.1".into());
+        let mut reply = Envelope::reply_to(&req, Bytes::new());
+        assert!(reply.causation_implied());
+        assert_eq!(reply.take_reply_address("inbox.1"), "inbox.1");
+        assert_eq!(reply.reply_to, None, "moved out, not copied");
+        reply.reply_to = Some("inbox.1".into());
+        assert_eq!(reply.take_reply_address("elsewhere"), "elsewhere");
+        reply.causation_id = Some(MessageId::new());
+        assert!(!reply.causation_implied());
+    }
+
+    #[test]
     fn message_ids_sort_by_creation() {
-        let a = MessageId::new();
-        let b = MessageId::new();
-        assert!(a < b);
+        // Many in the same millisecond, from one thread: strictly increasing, all version 7.
+        let ids: Vec<MessageId> = (0..10_000).map(|_| MessageId::new()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert!(ids.iter().all(|id| id.as_uuid().get_version_num() == 7));
+        // Another thread's ids are unique too.
+        let other =
+            std::thread::spawn(|| (0..10_000).map(|_| MessageId::new()).collect::<Vec<_>>())
+                .join()
+                .expect("thread");
+        let all: std::collections::HashSet<_> = ids.iter().chain(&other).collect();
+        assert_eq!(all.len(), 20_000);
     }
 }

@@ -473,10 +473,14 @@ async fn consume(worker: Arc<Worker>, mut sub: Subscription, control: ServiceCon
     let mut running = FuturesUnordered::new();
     let limit = worker.opts.concurrency;
     let mut taking = true;
+    // One cancellation future for the whole loop: made anew per message, it would register
+    // with (and leave) the token's waiter list, under its lock, every time.
+    let cancelled = control.cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         tokio::select! {
             biased;
-            _ = control.cancel.cancelled(), if taking => taking = false,
+            _ = &mut cancelled, if taking => taking = false,
             Some(()) = running.next(), if !running.is_empty() => {}
             d = sub.next(), if taking && running.len() < limit => match d {
                 Some(d) => running.push(worker.process(d)),
@@ -525,7 +529,7 @@ impl Worker {
             match self.kind {
                 Kind::Request => {
                     Box::pin(self.reply(&env, Err(Failure::Codec(reason)))).await;
-                    settle(acker.ack().await);
+                    ack(acker).await;
                 }
                 // Rare paths are boxed so every delivery's future stays small.
                 Kind::Event => {
@@ -538,7 +542,7 @@ impl Worker {
         if env.is_expired() {
             Counters::inc(&self.counters().expired_dropped);
             tracing::debug!(pattern = %self.pattern, id = %env.id, "deadline passed; dropped unhandled");
-            settle(acker.ack().await);
+            ack(acker).await;
             return;
         }
         let ctx = Context {
@@ -554,12 +558,12 @@ impl Worker {
                 if self.kind == Kind::Request {
                     Box::pin(self.reply(&env, Ok(out))).await;
                 }
-                settle(acker.ack().await);
+                ack(acker).await;
             }
             (Kind::Request, Err(f)) => {
                 Counters::inc(&self.counters().failed);
                 Box::pin(self.reply(&env, Err(f))).await;
-                settle(acker.ack().await);
+                ack(acker).await;
             }
             (Kind::Event, Err(f @ Failure::Codec(_))) => {
                 Counters::inc(&self.counters().failed);
@@ -643,13 +647,20 @@ impl Worker {
         {
             Ok(()) => {
                 Counters::inc(&self.counters().dead_lettered);
-                settle(acker.ack().await);
+                ack(acker).await;
             }
             Err(e) => {
                 tracing::error!(pattern = %self.pattern, error = %e, "dead letter not accepted; handing the message back");
                 settle(acker.nack(self.opts.backoff.delay(attempt)).await);
             }
         }
+    }
+}
+
+/// Acknowledges a handled delivery (skipped where there is nothing to settle).
+async fn ack(acker: Box<dyn Acker>) {
+    if acker.settles() {
+        settle(acker.ack().await);
     }
 }
 

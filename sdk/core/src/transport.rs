@@ -146,6 +146,11 @@ pub trait Acker: Send + 'static {
     async fn ack(self: Box<Self>) -> Result<()>;
     /// The message was not handled: deliver it again after `delay`.
     async fn nack(self: Box<Self>, delay: Duration) -> Result<()>;
+    /// Whether acknowledging does anything. `false` (deliveries with nothing to settle, such
+    /// as [`NoAck`]) lets the consumer skip the call and its allocated future.
+    fn settles(&self) -> bool {
+        true
+    }
 }
 
 /// One message handed to a subscriber, to be acknowledged or rejected.
@@ -254,6 +259,9 @@ impl Acker for NoAck {
     }
     async fn nack(self: Box<Self>, _delay: Duration) -> Result<()> {
         Ok(())
+    }
+    fn settles(&self) -> bool {
+        false
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) async fn raw_run(c: &Counts) -> Vec<Figure> {
     let tx = responder();
     let t = tx.clone();
     let mut figs = workload::request_reply(c, move |i| call(t.clone(), i)).await;
-    figs.push(workload::async_calls(c, |i| call(tx.clone(), i)).await);
+    figs.extend(workload::async_calls(c, |i| call(tx.clone(), i)).await);
 
     let (counted, all) = workload::local_counter();
     let (etx, mut erx) = mpsc::channel::<Bytes>(c.events_outstanding);

@@ -3,7 +3,7 @@
 //! consumer that acks each message.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -77,18 +77,42 @@ pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, 
     });
 }
 
+/// With `--raw-metadata`: the headers switchboard sends on the same path (docs/wire.md), a
+/// message id and, for a request, its deadline.
+fn metadata(deadline: Option<Duration>) -> Option<async_nats::HeaderMap> {
+    if !workload::RAW_METADATA.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("ce-id", uuid::Uuid::now_v7().to_string().as_str());
+    if let Some(d) = deadline {
+        let at = std::time::SystemTime::now() + d;
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        h.insert("sb-deadline", ms.to_string().as_str());
+    }
+    Some(h)
+}
+
 pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Figure> {
     let client = async_nats::connect(addr(url)).await.expect("connect");
     let call = |client: async_nats::Client, i: u64| async move {
-        let r = client
-            .request(ECHO, encode(i).into())
-            .await
-            .expect("request");
+        let r = match metadata(Some(Duration::from_secs(10))) {
+            None => client.request(ECHO, encode(i).into()).await,
+            Some(h) => {
+                let req = async_nats::Request::new()
+                    .payload(encode(i).into())
+                    .headers(h);
+                client.send_request(ECHO, req).await
+            }
+        }
+        .expect("request");
         check_reply(&r.payload, i);
     };
     let cl = client.clone();
     let mut figs = workload::request_reply(c, move |i| call(cl.clone(), i)).await;
-    figs.push(workload::async_calls(c, |i| call(client.clone(), i)).await);
+    figs.extend(workload::async_calls(c, |i| call(client.clone(), i)).await);
     let js = jetstream::new(client);
     figs.extend(
         workload::events(
@@ -96,11 +120,11 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
             |i| {
                 let js = js.clone();
                 async move {
-                    js.publish(EVENTS, encode(i).into())
-                        .await
-                        .expect("publish")
-                        .await
-                        .expect("ack");
+                    let ack = match metadata(None) {
+                        None => js.publish(EVENTS, encode(i).into()).await,
+                        Some(h) => js.publish_with_headers(EVENTS, h, encode(i).into()).await,
+                    };
+                    ack.expect("publish").await.expect("ack");
                 }
             },
             counter,

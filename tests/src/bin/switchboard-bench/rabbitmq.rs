@@ -209,7 +209,7 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
         async move { r.call(i).await }
     })
     .await;
-    figs.push(
+    figs.extend(
         workload::async_calls(c, |i| {
             let r = rpc.clone();
             async move { r.call(i).await }
