@@ -634,7 +634,8 @@ pub async fn late_reply_is_dropped_and_counted(h: Harness) -> Outcome {
     Outcome::Passed
 }
 
-/// An event whose handler failed is delivered again, with the attempt counted.
+/// An event whose handler failed is delivered again, with the attempt counted and the same
+/// message id.
 pub async fn nacked_event_is_redelivered(h: Harness) -> Outcome {
     if !h.caps().redelivery_on_nack {
         return Outcome::Skipped("transport declares no redelivery on nack".into());
@@ -648,7 +649,9 @@ pub async fn nacked_event_is_redelivered(h: Harness) -> Outcome {
         server.on_event_with(&p, "workers", fast_retries(5), move |e: Item, ctx| {
             let a = a.clone();
             async move {
-                a.lock().expect("lock").push((e.id, ctx.attempt()));
+                a.lock()
+                    .expect("lock")
+                    .push((e.id, ctx.attempt(), ctx.envelope().id));
                 if ctx.attempt() < 2 {
                     Err(HandlerError::new("flaky", "first attempt fails"))
                 } else {
@@ -667,7 +670,13 @@ pub async fn nacked_event_is_redelivered(h: Harness) -> Outcome {
         server.stats().handled == 1
     })
     .await;
-    assert_eq!(*attempts.lock().expect("lock"), vec![(1, 1), (1, 2)]);
+    let seen = attempts.lock().expect("lock").clone();
+    let items: Vec<_> = seen
+        .iter()
+        .map(|(id, attempt, _)| (*id, *attempt))
+        .collect();
+    assert_eq!(items, vec![(1, 1), (1, 2)]);
+    assert_eq!(seen[0].2, seen[1].2, "a redelivery keeps the message id");
     let st = server.stats();
     assert_eq!((st.failed, st.retried, st.dead_lettered), (1, 1, 0));
     within("shutdown", server.shutdown())

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use switchboard_core::transport::{Acker, Delivery};
-use switchboard_core::{CorrelationId, Envelope, Error, Result, content_type, header};
+use switchboard_core::{CorrelationId, Envelope, Error, MessageId, Result, content_type, header};
 
 use crate::NAME;
 
@@ -25,9 +25,9 @@ pub(crate) fn header_map<'a>(
 /// Envelope fields the receiver knows without a header, left out of the NATS headers.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Implied {
-    /// The message id is not sent: the reader gives the message a fresh one. Replies only:
-    /// a reply is matched by its subject or correlation id and never redelivered, so nothing
-    /// reads its id, and a reply with nothing else to say travels without headers.
+    /// The message id is not sent: the reader derives it from the broker's own identity of
+    /// the message (JetStream events) or gives the message a fresh one (replies and `send`
+    /// requests, which are never redelivered and whose ids the sender never shows).
     pub(crate) id: bool,
     /// The pattern is the subject after `<prefix>.evt.` / `<prefix>.req.`.
     pub(crate) pattern: bool,
@@ -156,18 +156,18 @@ pub(crate) fn delivery_from(
     pattern: &str,
     attempt: u32,
     acker: Box<dyn Acker>,
+    implied_id: Option<MessageId>,
 ) -> Delivery {
     let pairs = headers.iter().flat_map(|h| {
         h.iter()
             .filter_map(|(k, vs)| vs.first().map(|v| (k.as_ref(), v.as_str())))
     });
-    Delivery::decode(pairs, payload, pattern, attempt, acker)
+    Delivery::decode_or_id(pairs, payload, pattern, attempt, acker, implied_id)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_core::MessageId;
     use switchboard_core::transport::NoAck;
 
     #[test]
@@ -178,8 +178,15 @@ mod tests {
         env.correlation_id = Some(CorrelationId::new());
         env.key = Some("k1".into());
         let map = envelope_headers(&env, Implied::default()).expect("maps");
-        let (back, _, malformed, _) =
-            delivery_from(&Some(map), env.payload.clone(), "x", 1, Box::new(NoAck)).into_parts();
+        let (back, _, malformed, _) = delivery_from(
+            &Some(map),
+            env.payload.clone(),
+            "x",
+            1,
+            Box::new(NoAck),
+            None,
+        )
+        .into_parts();
         assert!(malformed.is_none());
         assert_eq!(back.id, env.id);
         assert_eq!(back.pattern, "users.get");
@@ -241,8 +248,15 @@ mod tests {
         };
         let map = envelope_headers(&reply, implied).expect("maps");
         assert!(map.is_empty(), "a plain reply needs no headers: {map:?}");
-        let (mut back, ..) =
-            delivery_from(&Some(map), Bytes::new(), "users.get", 1, Box::new(NoAck)).into_parts();
+        let (mut back, ..) = delivery_from(
+            &Some(map),
+            Bytes::new(),
+            "users.get",
+            1,
+            Box::new(NoAck),
+            None,
+        )
+        .into_parts();
         back.complete_reply(req.correlation_id);
         assert_eq!(back.correlation_id, req.correlation_id);
         assert_eq!(back.causation_id, Some(req.id));
@@ -250,6 +264,23 @@ mod tests {
         reply.causation_id = Some(MessageId::new());
         let map = envelope_headers(&reply, implied).expect("maps");
         assert!(map.get(header::CAUSATION_ID).is_some());
+    }
+
+    #[test]
+    fn a_plain_event_and_a_plain_send_request_carry_no_id() {
+        let event = Envelope::new("orders.created", Bytes::from_static(b"{}"));
+        let implied = Implied {
+            id: true,
+            pattern: true,
+            ..Implied::default()
+        };
+        assert!(envelope_headers(&event, implied).expect("maps").is_empty());
+        // A caused event still says what caused it.
+        let mut caused = event.clone();
+        caused.causation_id = Some(MessageId::new());
+        let map = envelope_headers(&caused, implied).expect("maps");
+        assert!(map.get(header::CAUSATION_ID).is_some());
+        assert!(map.get(header::ID).is_none());
     }
 
     #[test]
@@ -267,6 +298,7 @@ mod tests {
             "p",
             1,
             Box::new(NoAck),
+            None,
         );
         assert!(d.malformed.as_deref().is_some_and(|r| r.contains("ce-id")));
         assert_eq!(&d.envelope.payload[..], b"x");

@@ -6,15 +6,16 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use async_nats::{ConnectOptions, Event, ServerAddr, StatusCode};
+use async_nats::{ConnectOptions, Event, ServerAddr, StatusCode, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
+use dashmap::DashMap;
 use futures::StreamExt;
 use switchboard_core::transport::{
     Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Requester, Route, SubscribeOptions,
     Subscriber, Subscription, Transport,
 };
-use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
+use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, MessageId, ReplyError, Result};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,50 @@ struct Inner {
     closed: CancellationToken,
     streams: OnceCell<()>,
     max_payload: usize,
+    /// Event and request subjects of the patterns published to, built once each.
+    subjects: SubjectCache,
+}
+
+/// Subjects by pattern, so a publish neither formats its subject nor copies it again into
+/// the client's `Subject` (both allocations, per message): a lookup and a reference count.
+/// Bounded: beyond [`SubjectCache::MAX`] patterns of a kind, subjects are built per message.
+#[derive(Default)]
+struct SubjectCache {
+    events: DashMap<String, Subject>,
+    requests: DashMap<String, Subject>,
+}
+
+impl SubjectCache {
+    const MAX: usize = 10_000;
+
+    fn get(
+        map: &DashMap<String, Subject>,
+        pattern: &str,
+        build: impl FnOnce(&str) -> String,
+    ) -> Subject {
+        if let Some(s) = map.get(pattern) {
+            return s.clone();
+        }
+        let subject = Subject::from(build(pattern));
+        if map.len() < Self::MAX {
+            map.insert(pattern.to_owned(), subject.clone());
+        }
+        subject
+    }
+}
+
+impl Inner {
+    fn event_subject(&self, pattern: &str) -> Subject {
+        SubjectCache::get(&self.subjects.events, pattern, |p| {
+            self.cfg.event_subject(p)
+        })
+    }
+
+    fn request_subject(&self, pattern: &str) -> Subject {
+        SubjectCache::get(&self.subjects.requests, pattern, |p| {
+            self.cfg.request_subject(p)
+        })
+    }
 }
 
 impl std::fmt::Debug for NatsTransport {
@@ -171,6 +216,7 @@ impl NatsTransport {
                 closed: CancellationToken::new(),
                 streams: OnceCell::new(),
                 max_payload,
+                subjects: SubjectCache::default(),
             }),
         })
     }
@@ -199,7 +245,7 @@ impl NatsTransport {
             EventMode::JetStream => {
                 self.inner.ensure_streams().await?;
                 self.inner
-                    .js_publish(subject, || Ok(map.clone()), payload)
+                    .js_publish(subject.into(), || Ok(map.clone()), payload)
                     .await
             }
             EventMode::Core => {
@@ -285,7 +331,7 @@ impl Inner {
     /// only in the rare case the stream has to be (re)created first.
     async fn js_publish(
         &self,
-        subject: String,
+        subject: Subject,
         headers: impl Fn() -> Result<async_nats::HeaderMap>,
         payload: Bytes,
     ) -> Result<()> {
@@ -447,9 +493,10 @@ impl Publisher for NatsTransport {
     }
 }
 
-/// What the NATS message of a request carries itself: the pattern (its subject) and the reply
-/// address (its reply subject). The correlation id is a header, for the handler's context,
-/// unless it is the request's own id (the SDK's default), which the handler takes from `ce-id`.
+/// What the NATS message of a `request` carries itself: the pattern (its subject) and the
+/// reply address (its reply subject). The correlation id is a header, for the handler's
+/// context, unless it is the request's own id (the SDK's default), which the handler takes
+/// from `ce-id`.
 const REQUEST_CARRIES: Implied = Implied {
     id: false,
     pattern: true,
@@ -457,6 +504,15 @@ const REQUEST_CARRIES: Implied = Implied {
     correlation_id: false,
     correlation_is_id: true,
     causation_is_correlation: false,
+};
+
+/// What a `send` request leaves out besides [`REQUEST_CARRIES`]: its id. The caller never
+/// sees a `send`'s id or (default) correlation id, and the reply is matched by its inbox
+/// subject, so the handler takes a fresh id, which is also its correlation id (as if the
+/// caller had drawn it). A correlation id carried from a parent message still travels.
+const SEND_CARRIES: Implied = Implied {
+    id: true,
+    ..REQUEST_CARRIES
 };
 
 /// The prefix NATS clients give their request inboxes by default (async-nats's `send` uses
@@ -498,8 +554,12 @@ impl Inner {
     }
 
     async fn publish_event(&self, pattern: &str, msg: Envelope) -> Result<()> {
-        let subject = self.cfg.event_subject(pattern);
+        let subject = self.event_subject(pattern);
+        // The event's id is not sent: on JetStream the reader derives it from the stream
+        // sequence and the time the stream stored the event (the same for every group and
+        // every redelivery); core-mode events are never redelivered, and the reader draws one.
         let carried = Implied {
+            id: true,
             pattern: true,
             ..Implied::default()
         };
@@ -535,7 +595,7 @@ impl Inner {
         let headers = envelope_headers(&msg, REQUEST_CARRIES)?;
         self.client
             .publish_with_reply_and_headers(
-                self.cfg.request_subject(pattern),
+                self.request_subject(pattern),
                 reply,
                 headers,
                 msg.payload,
@@ -573,7 +633,7 @@ impl Inner {
         self.ensure_streams().await?;
         let headers = || envelope_headers(&msg, Implied::default());
         self.js_publish(
-            self.cfg.dead_letter_subject(pattern),
+            self.cfg.dead_letter_subject(pattern).into(),
             headers,
             msg.payload.clone(),
         )
@@ -679,7 +739,7 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
         });
         return env;
     }
-    let d = delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck));
+    let d = delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck), None);
     let (mut env, _, malformed, _) = d.into_parts();
     if let Some(why) = malformed {
         tracing::debug!(reason = %why, "reply with malformed headers");
@@ -714,7 +774,7 @@ fn core_subscription(
     let stream = sub
         .take_until(inner.closed.clone().cancelled_owned())
         .map(move |m| {
-            let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck));
+            let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck), None);
             // The NATS reply subject is where the answer must go, whatever a header says; a
             // request without a correlation header is correlated by its own id.
             if let Some(r) = m.reply {
@@ -827,10 +887,20 @@ impl JsSub {
                     continue;
                 }
             };
-            let attempt = msg
-                .info()
-                .map(|i| u32::try_from(i.delivered).unwrap_or(u32::MAX))
-                .unwrap_or(1);
+            // The delivery count and the message's identity in the stream (its id when it
+            // carries none: see `publish_event`) come from the ack subject.
+            let (attempt, implied) = match msg.info() {
+                Ok(i) => (
+                    u32::try_from(i.delivered).unwrap_or(u32::MAX),
+                    Some(MessageId::from_sequence(
+                        u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000)
+                            .unwrap_or_default(),
+                        i.stream,
+                        i.stream_sequence,
+                    )),
+                ),
+                Err(_) => (1, None),
+            };
             let credit = permits.split(1);
             let message = msg.message;
             let acker = Box::new(JsAcker {
@@ -846,6 +916,7 @@ impl JsSub {
                 &self.pattern,
                 attempt,
                 acker,
+                implied,
             ));
         }
     }
@@ -941,7 +1012,7 @@ impl Requester for NatsTransport {
             return Err(Error::timeout(NAME, timeout));
         }
         inner.ensure_connected()?;
-        let headers = envelope_headers(&msg, REQUEST_CARRIES)?;
+        let headers = envelope_headers(&msg, SEND_CARRIES)?;
         let correlation = msg.correlation_id;
         let mut lost = inner.disconnects.subscribe();
         let request = async_nats::Request::new()
@@ -949,7 +1020,7 @@ impl Requester for NatsTransport {
             .payload(msg.payload)
             .timeout(Some(timeout));
         let reply = tokio::select! {
-            r = inner.client.send_request(inner.cfg.request_subject(pattern), request) => r,
+            r = inner.client.send_request(inner.request_subject(pattern), request) => r,
             _ = lost.changed() => {
                 return Err(Error::new(
                     ErrorKind::Connection,
@@ -959,7 +1030,7 @@ impl Requester for NatsTransport {
             }
         };
         match reply {
-            Ok(m) => match delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck))
+            Ok(m) => match delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck), None)
                 .into_parts()
             {
                 (mut env, _, None, _) => {

@@ -153,6 +153,24 @@ id_type!(
     CorrelationId
 );
 
+impl MessageId {
+    /// The id a broker's own identity of a stored message implies, for transports whose
+    /// broker numbers what it stores (a JetStream stream, a Kafka partition): a UUIDv7 made of
+    /// the time the broker stored the message (`unix_ms`), a 12-bit hash of `source` (the
+    /// stream or partition the sequence counts in) and `sequence` (its low 62 bits). Every
+    /// reader and every redelivery of that message gets the same id, and the sender need not
+    /// carry one.
+    pub fn from_sequence(unix_ms: u64, source: &str, sequence: u64) -> Self {
+        let h = crate::config::stable_hash(&[source]).to_be_bytes();
+        let mut rest = [0u8; 10];
+        // rand_a (12 bits: the builder overwrites the version nibble), then rand_b (62 bits:
+        // it overwrites the two variant bits, which are above the sequence's 62 bits).
+        rest[..2].copy_from_slice(&h[..2]);
+        rest[2..].copy_from_slice(&(sequence & (u64::MAX >> 2)).to_be_bytes());
+        MessageId(uuid::Builder::from_unix_timestamp_millis(unix_ms, &rest).into_uuid())
+    }
+}
+
 /// A request's correlation id is, unless the caller set one, the request's own message id:
 /// one id fewer to draw and, on transports that carry headers, one header fewer to send.
 impl From<MessageId> for CorrelationId {
@@ -346,6 +364,18 @@ impl Envelope {
         payload: Bytes,
         fallback_pattern: &str,
     ) -> Result<Envelope> {
+        Self::from_headers_or_id(headers, payload, fallback_pattern, None)
+    }
+
+    /// [`Envelope::from_headers`] for a message whose id is implied by the broker (see
+    /// [`MessageId::from_sequence`]) when it carries no `ce-id` header: `implied` when given,
+    /// else a fresh one.
+    pub fn from_headers_or_id<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        payload: Bytes,
+        fallback_pattern: &str,
+        implied: Option<MessageId>,
+    ) -> Result<Envelope> {
         // A fresh id only when the message has none (drawing one costs a clock read).
         let mut id = None;
         let mut pattern = None;
@@ -383,7 +413,7 @@ impl Envelope {
                 }
             }
         }
-        env.id = id.unwrap_or_default();
+        env.id = id.or(implied).unwrap_or_default();
         env.pattern = pattern.unwrap_or(fallback_pattern).to_owned();
         Ok(env)
     }
@@ -431,6 +461,52 @@ mod tests {
         );
         env.headers.insert("x-tenant".into(), "acme".into());
         env
+    }
+
+    #[test]
+    fn ids_from_a_broker_sequence_are_stable_time_ordered_v7() {
+        let ms = 1_732_000_000_123;
+        let a = MessageId::from_sequence(ms, "SB_EVENTS", 41);
+        assert_eq!(a, MessageId::from_sequence(ms, "SB_EVENTS", 41), "stable");
+        assert_eq!(a.as_uuid().get_version_num(), 7);
+        assert_eq!(a.as_uuid().get_variant(), uuid::Variant::RFC4122);
+        let ts = a
+            .as_uuid()
+            .get_timestamp()
+            .expect("v7 has a time")
+            .to_unix();
+        assert_eq!((ts.0 * 1000 + u64::from(ts.1) / 1_000_000), ms);
+        assert_ne!(
+            a,
+            MessageId::from_sequence(ms, "SB_EVENTS", 42),
+            "per sequence"
+        );
+        assert_ne!(a, MessageId::from_sequence(ms, "OTHER", 41), "per source");
+        assert!(
+            a < MessageId::from_sequence(ms + 1, "SB_EVENTS", 0),
+            "ordered by time"
+        );
+        // The sequence's low 62 bits are kept whole.
+        let big = MessageId::from_sequence(ms, "s", (1 << 62) - 1);
+        assert_ne!(big, MessageId::from_sequence(ms, "s", (1 << 62) - 2));
+    }
+
+    #[test]
+    fn an_implied_id_is_used_only_without_a_ce_id_header() {
+        let implied = MessageId::from_sequence(1, "s", 7);
+        let none: [(&str, &str); 0] = [];
+        let env =
+            Envelope::from_headers_or_id(none, Bytes::new(), "p", Some(implied)).expect("decodes");
+        assert_eq!(env.id, implied);
+        let own = MessageId::new().to_string();
+        let env = Envelope::from_headers_or_id(
+            [(header::ID, own.as_str())],
+            Bytes::new(),
+            "p",
+            Some(implied),
+        )
+        .expect("decodes");
+        assert_eq!(env.id.to_string(), own, "the header wins");
     }
 
     #[test]

@@ -215,14 +215,28 @@ impl Delivery {
         attempt: u32,
         acker: Box<dyn Acker>,
     ) -> Self {
-        match Envelope::from_headers(headers, payload.clone(), pattern) {
+        Self::decode_or_id(headers, payload, pattern, attempt, acker, None)
+    }
+
+    /// [`Delivery::decode`] for a message whose id the broker implies when it carries no
+    /// `ce-id` header ([`Envelope::from_headers_or_id`]); a malformed one keeps that id too.
+    pub fn decode_or_id<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        payload: bytes::Bytes,
+        pattern: &str,
+        attempt: u32,
+        acker: Box<dyn Acker>,
+        implied: Option<crate::MessageId>,
+    ) -> Self {
+        match Envelope::from_headers_or_id(headers, payload.clone(), pattern, implied) {
             Ok(env) => Delivery::new(env, attempt, acker),
-            Err(e) => Delivery::malformed(
-                Envelope::new(pattern, payload),
-                attempt,
-                e.message().to_owned(),
-                acker,
-            ),
+            Err(e) => {
+                let mut env = Envelope::new(pattern, payload);
+                if let Some(id) = implied {
+                    env.id = id;
+                }
+                Delivery::malformed(env, attempt, e.message().to_owned(), acker)
+            }
         }
     }
 
