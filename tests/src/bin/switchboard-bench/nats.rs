@@ -77,21 +77,18 @@ pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, 
     });
 }
 
-/// With `--raw-metadata`: the headers switchboard sends on the same path (docs/wire.md), a
-/// message id and, for a request, its deadline.
+/// With `--raw-metadata`: the headers switchboard sends on the same path (docs/wire.md): a
+/// `send` request its deadline; an event none (its id is the stream's identity of it).
 fn metadata(deadline: Option<Duration>) -> Option<async_nats::HeaderMap> {
     if !workload::RAW_METADATA.load(Ordering::Relaxed) {
         return None;
     }
+    let d = deadline?;
     let mut h = async_nats::HeaderMap::new();
-    h.insert("ce-id", uuid::Uuid::now_v7().to_string().as_str());
-    if let Some(d) = deadline {
-        let at = std::time::SystemTime::now() + d;
-        let ms = at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        h.insert("sb-deadline", ms.to_string().as_str());
-    }
+    let ms = (std::time::SystemTime::now() + d)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    h.insert("sb-deadline", ms.to_string().as_str());
     Some(h)
 }
 
