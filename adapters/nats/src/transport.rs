@@ -1,6 +1,7 @@
 //! The NATS transport: core request/reply for `send`, JetStream durable consumers (or core
 //! queue groups, opt-in) for events, a wildcard inbox per client for `request` replies.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,8 @@ use async_nats::{ConnectOptions, Event, ServerAddr, StatusCode, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryFutureExt};
 use switchboard_core::transport::{
     Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Requester, Route, SubscribeOptions,
     Subscriber, Subscription, Transport,
@@ -473,22 +475,45 @@ fn publish_error(e: jetstream::context::PublishError) -> Error {
     Error::new(kind, NAME, msg).with_source(e)
 }
 
-#[async_trait]
+/// A publish in progress, boxed once.
+type Publishing<'a> = BoxFuture<'a, Result<()>>;
+
+/// Written without `async_trait`'s one boxed future for the whole body, which would be as
+/// large as the largest route's (the JetStream ones, about 2 KB) and be allocated and moved
+/// for every reply too. Each route boxes only its own future: a reply's or a request's is
+/// the client's publish and nothing else.
 impl Publisher for NatsTransport {
-    async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
-        if self.inner.closed.is_cancelled() {
-            return Err(Error::closed(NAME));
+    fn publish<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        route: Route<'life1>,
+        msg: Envelope,
+    ) -> Publishing<'async_trait>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        fn failed<'a>(e: Error) -> Publishing<'a> {
+            Box::pin(std::future::ready(Err(e)))
         }
-        self.check_size(msg.payload.len())?;
+        if self.inner.closed.is_cancelled() {
+            return failed(Error::closed(NAME));
+        }
+        if let Err(e) = self.check_size(msg.payload.len()) {
+            return failed(e);
+        }
         let inner = &self.inner;
-        // The JetStream routes' futures are boxed on their own: inlined, every publish would
-        // allocate and move a future as large as theirs (about 2 KB). Requests and replies
-        // (core NATS, small futures) are not boxed again.
         match route {
-            Route::Event(pattern) => Box::pin(inner.publish_event(pattern, msg)).await,
-            Route::Request(pattern) => inner.publish_request(pattern, msg).await,
-            Route::Reply(address) => inner.publish_reply(address, msg).await,
-            Route::DeadLetter(pattern) => Box::pin(inner.publish_dead_letter(pattern, msg)).await,
+            Route::Event(pattern) => Box::pin(inner.publish_event(pattern, msg)),
+            Route::Request(pattern) => match inner.publish_request(pattern, msg) {
+                Ok(f) => Box::pin(f),
+                Err(e) => failed(e),
+            },
+            Route::Reply(address) => match inner.publish_reply(address, msg) {
+                Ok(f) => Box::pin(f),
+                Err(e) => failed(e),
+            },
+            Route::DeadLetter(pattern) => Box::pin(inner.publish_dead_letter(pattern, msg)),
         }
     }
 }
@@ -577,7 +602,13 @@ impl Inner {
         }
     }
 
-    async fn publish_request(&self, pattern: &str, msg: Envelope) -> Result<()> {
+    /// Checks and encodes a request synchronously; the future returned holds only the
+    /// client's publish (the envelope is gone by then).
+    fn publish_request(
+        &self,
+        pattern: &str,
+        msg: Envelope,
+    ) -> Result<impl Future<Output = Result<()>> + Send + '_> {
         self.ensure_connected()?;
         let Some(reply_to) = msg.reply_to.as_deref() else {
             return Err(Error::invalid_config(
@@ -593,18 +624,23 @@ impl Inner {
             None => reply_to.to_owned(),
         };
         let headers = envelope_headers(&msg, REQUEST_CARRIES)?;
-        self.client
+        Ok(self
+            .client
             .publish_with_reply_and_headers(
                 self.request_subject(pattern),
                 reply,
                 headers,
                 msg.payload,
             )
-            .await
-            .map_err(|e| conn_error("publish", e))
+            .map_err(|e| conn_error("publish", e)))
     }
 
-    async fn publish_reply(&self, address: &str, mut msg: Envelope) -> Result<()> {
+    /// A reply, encoded synchronously as [`Inner::publish_request`].
+    fn publish_reply(
+        &self,
+        address: &str,
+        mut msg: Envelope,
+    ) -> Result<impl Future<Output = Result<()>> + Send + '_> {
         // Replies to this SDK's inboxes carry the correlation id in their subject, replies to
         // a NATS request inbox are matched by their subject; replies to anywhere else keep it
         // as a header. The causation id (the request's id) is left out when it equals the
@@ -623,10 +659,10 @@ impl Inner {
             },
         )?;
         let subject = msg.take_reply_address(address);
-        self.client
+        Ok(self
+            .client
             .publish_with_headers(subject, headers, msg.payload)
-            .await
-            .map_err(|e| conn_error("publish", e))
+            .map_err(|e| conn_error("publish", e)))
     }
 
     async fn publish_dead_letter(&self, pattern: &str, msg: Envelope) -> Result<()> {
@@ -999,9 +1035,36 @@ impl Drop for JsAcker {
 ///
 /// Unlike `request` (which uses switchboard's inbox), a reply that arrives after its `send`
 /// gave up is dropped inside async-nats and so is not counted in `Stats::late_replies`.
-#[async_trait]
+///
+/// Written without `async_trait`'s boxed body: the request is checked and encoded before
+/// the future is built, so the one future allocated per `send` holds the client's request
+/// and the disconnect watch, not the envelope and the encoding steps as well.
 impl Requester for NatsTransport {
-    async fn call(&self, pattern: &str, msg: Envelope, deadline: Instant) -> Result<Envelope> {
+    fn call<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        pattern: &'life1 str,
+        msg: Envelope,
+        deadline: Instant,
+    ) -> BoxFuture<'async_trait, Result<Envelope>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.start_call(pattern, msg, deadline) {
+            Ok(f) => Box::pin(f),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
+impl NatsTransport {
+    fn start_call<'a>(
+        &'a self,
+        pattern: &'a str,
+        msg: Envelope,
+        deadline: Instant,
+    ) -> Result<impl Future<Output = Result<Envelope>> + Send + 'a> {
         let inner = &self.inner;
         if inner.closed.is_cancelled() {
             return Err(Error::closed(NAME));
@@ -1019,50 +1082,63 @@ impl Requester for NatsTransport {
             .headers(headers)
             .payload(msg.payload)
             .timeout(Some(timeout));
-        let reply = tokio::select! {
-            r = inner.client.send_request(inner.request_subject(pattern), request) => r,
-            _ = lost.changed() => {
-                return Err(Error::new(
+        let subject = inner.request_subject(pattern);
+        // The client's request future is made inside the block, not captured: a captured
+        // future would be stored twice in this one (as the capture and inside the select).
+        Ok(async move {
+            tokio::select! {
+                r = inner.client.send_request(subject, request) => {
+                    call_outcome(r, pattern, correlation, timeout)
+                }
+                _ = lost.changed() => Err(Error::new(
                     ErrorKind::Connection,
                     NAME,
                     "connection to NATS lost while waiting for the reply; the request may or may not have been handled",
-                ));
-            }
-        };
-        match reply {
-            Ok(m) => match delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck), None)
-                .into_parts()
-            {
-                (mut env, _, None, _) => {
-                    env.complete_reply(correlation);
-                    Ok(env)
-                }
-                (_, _, Some(why), _) => Err(Error::codec(
-                    NAME,
-                    format!("reply has malformed headers: {why}"),
                 )),
-            },
-            Err(e) => {
-                use async_nats::RequestErrorKind as K;
-                Err(match e.kind() {
-                    K::TimedOut => Error::timeout(NAME, timeout),
-                    K::NoResponders => Error::new(
-                        ErrorKind::NoResponder,
-                        NAME,
-                        format!("no handler is subscribed to `{pattern}`"),
-                    ),
-                    K::MaxPayloadExceeded => Error::new(
-                        ErrorKind::PayloadTooLarge,
-                        NAME,
-                        format!("request exceeds the limit of the server: {e}"),
-                    ),
-                    K::InvalidSubject => Error::invalid_config(
-                        NAME,
-                        format!("`{pattern}` is not a valid subject: {e}"),
-                    ),
-                    _ => conn_error("request", e),
-                })
             }
+        })
+    }
+}
+
+/// The envelope of a `send`'s reply, or its typed error.
+fn call_outcome(
+    reply: std::result::Result<async_nats::Message, async_nats::RequestError>,
+    pattern: &str,
+    correlation: Option<CorrelationId>,
+    timeout: Duration,
+) -> Result<Envelope> {
+    match reply {
+        Ok(m) => match delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck), None)
+            .into_parts()
+        {
+            (mut env, _, None, _) => {
+                env.complete_reply(correlation);
+                Ok(env)
+            }
+            (_, _, Some(why), _) => Err(Error::codec(
+                NAME,
+                format!("reply has malformed headers: {why}"),
+            )),
+        },
+        Err(e) => {
+            use async_nats::RequestErrorKind as K;
+            Err(match e.kind() {
+                K::TimedOut => Error::timeout(NAME, timeout),
+                K::NoResponders => Error::new(
+                    ErrorKind::NoResponder,
+                    NAME,
+                    format!("no handler is subscribed to `{pattern}`"),
+                ),
+                K::MaxPayloadExceeded => Error::new(
+                    ErrorKind::PayloadTooLarge,
+                    NAME,
+                    format!("request exceeds the limit of the server: {e}"),
+                ),
+                K::InvalidSubject => {
+                    Error::invalid_config(NAME, format!("`{pattern}` is not a valid subject: {e}"))
+                }
+                _ => conn_error("request", e),
+            })
         }
     }
 }

@@ -75,7 +75,12 @@ impl fmt::Display for ErrorKind {
 ///
 /// Display reads like `request timed out after 500ms (memory)`: the message, then the
 /// transport that produced it.
-pub struct Error {
+///
+/// One pointer wide (the details are boxed): a `Result<T>` is hardly larger than `T`, and
+/// every future that holds one stays small on the paths that do not fail.
+pub struct Error(Box<Repr>);
+
+struct Repr {
     kind: ErrorKind,
     adapter: &'static str,
     message: String,
@@ -86,24 +91,24 @@ pub struct Error {
 impl Error {
     /// A new error of `kind`, raised by `adapter` (the transport's name, or `"core"`).
     pub fn new(kind: ErrorKind, adapter: &'static str, message: impl Into<String>) -> Self {
-        Error {
+        Error(Box::new(Repr {
             kind,
             adapter,
             message: message.into(),
             code: None,
             source: None,
-        }
+        }))
     }
 
     /// Attaches the underlying error.
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
+        self.0.source = Some(source.into());
         self
     }
 
     /// Attaches a machine-readable code (used by [`ErrorKind::Handler`] errors).
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
-        self.code = Some(code.into());
+        self.0.code = Some(code.into());
         self
     }
 
@@ -137,23 +142,23 @@ impl Error {
 
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// The transport (or `"core"`) that raised it.
     pub fn adapter(&self) -> &'static str {
-        self.adapter
+        self.0.adapter
     }
 
     /// The human-readable message, without the adapter suffix.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// The machine-readable code: for [`ErrorKind::Handler`] the code the handler gave,
     /// otherwise the kind's own name.
     pub fn code(&self) -> &str {
-        self.code.as_deref().unwrap_or(self.kind.as_str())
+        self.0.code.as_deref().unwrap_or(self.0.kind.as_str())
     }
 
     /// Whether trying the same call again may succeed.
@@ -163,7 +168,7 @@ impl Error {
     /// handler errors, which fail the same way again.
     pub fn is_retryable(&self) -> bool {
         matches!(
-            self.kind,
+            self.0.kind,
             ErrorKind::Timeout
                 | ErrorKind::Connection
                 | ErrorKind::NoResponder
@@ -175,13 +180,13 @@ impl Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Error");
-        d.field("kind", &self.kind)
-            .field("adapter", &self.adapter)
-            .field("message", &self.message);
-        if let Some(code) = &self.code {
+        d.field("kind", &self.0.kind)
+            .field("adapter", &self.0.adapter)
+            .field("message", &self.0.message);
+        if let Some(code) = &self.0.code {
             d.field("code", code);
         }
-        if let Some(source) = &self.source {
+        if let Some(source) = &self.0.source {
             d.field("source", source);
         }
         d.finish()
@@ -190,22 +195,23 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.code, self.kind) {
+        match (&self.0.code, self.0.kind) {
             (Some(code), ErrorKind::Handler) => {
                 write!(
                     f,
                     "handler error `{code}`: {} ({})",
-                    self.message, self.adapter
+                    self.0.message, self.0.adapter
                 )
             }
-            _ => write!(f, "{} ({})", self.message, self.adapter),
+            _ => write!(f, "{} ({})", self.0.message, self.0.adapter),
         }
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
+        self.0
+            .source
             .as_ref()
             .map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
     }
