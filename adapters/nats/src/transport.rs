@@ -14,13 +14,12 @@ use dashmap::DashMap;
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryFutureExt};
 use switchboard_core::transport::{
-    Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Requester, Route, SubscribeOptions,
-    Subscriber, Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Requester, Route,
+    SubscribeOptions, Subscriber, Subscription, Transport,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, MessageId, ReplyError, Result};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::NAME;
 use crate::codec::{Implied, delivery_from, envelope_headers, header_map};
@@ -48,7 +47,7 @@ struct Inner {
     js: jetstream::Context,
     /// Bumped on every lost connection: in-flight `send`s fail when it changes.
     disconnects: Arc<watch::Sender<u64>>,
-    closed: CancellationToken,
+    closed: CloseSignal,
     streams: OnceCell<()>,
     max_payload: usize,
     /// Event and request subjects of the patterns published to, built once each.
@@ -215,7 +214,7 @@ impl NatsTransport {
                 client,
                 js,
                 disconnects,
-                closed: CancellationToken::new(),
+                closed: CloseSignal::new(),
                 streams: OnceCell::new(),
                 max_payload,
                 subjects: SubjectCache::default(),
@@ -496,7 +495,7 @@ impl Publisher for NatsTransport {
         fn failed<'a>(e: Error) -> Publishing<'a> {
             Box::pin(std::future::ready(Err(e)))
         }
-        if self.inner.closed.is_cancelled() {
+        if self.inner.closed.is_closed() {
             return failed(Error::closed(NAME));
         }
         if let Err(e) = self.check_size(msg.payload.len()) {
@@ -680,7 +679,7 @@ impl Inner {
 #[async_trait]
 impl Subscriber for NatsTransport {
     async fn subscribe(&self, route: Route<'_>, opts: SubscribeOptions) -> Result<Subscription> {
-        if self.inner.closed.is_cancelled() {
+        if self.inner.closed.is_closed() {
             return Err(Error::closed(NAME));
         }
         let inner = &self.inner;
@@ -735,7 +734,7 @@ impl Subscriber for NatsTransport {
     }
 
     async fn open_inbox(&self, name: &str) -> Result<Inbox> {
-        if self.inner.closed.is_cancelled() {
+        if self.inner.closed.is_closed() {
             return Err(Error::closed(NAME));
         }
         let address = format!("{INBOX_PREFIX}{}", name.replace(['.', '*', '>', ' '], "_"));
@@ -746,11 +745,11 @@ impl Subscriber for NatsTransport {
             .await
             .map_err(|e| conn_error("subscribe", e))?;
         self.inner.sync_with_server().await?;
-        let closed = self.inner.closed.clone();
         let skip = address.len() + 1;
-        let stream = sub
-            .take_until(closed.cancelled_owned())
-            .map(move |m| Delivery::new(reply_envelope_from_inbox(m, skip), 1, Box::new(NoAck)));
+        let stream =
+            self.inner.closed.guard(sub).map(move |m| {
+                Delivery::new(reply_envelope_from_inbox(m, skip), 1, Box::new(NoAck))
+            });
         Ok(Inbox::new(address, Subscription::new(stream))
             .with_connection_lost(self.inner.disconnects.subscribe()))
     }
@@ -807,20 +806,18 @@ fn core_subscription(
     sub: async_nats::Subscriber,
     pattern: String,
 ) -> Subscription {
-    let stream = sub
-        .take_until(inner.closed.clone().cancelled_owned())
-        .map(move |m| {
-            let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck), None);
-            // The NATS reply subject is where the answer must go, whatever a header says; a
-            // request without a correlation header is correlated by its own id.
-            if let Some(r) = m.reply {
-                let env = &mut d.envelope;
-                env.reply_to = Some(r.as_str().to_owned());
-                env.correlation_id
-                    .get_or_insert(CorrelationId::from(env.id));
-            }
-            d
-        });
+    let stream = inner.closed.guard(sub).map(move |m| {
+        let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck), None);
+        // The NATS reply subject is where the answer must go, whatever a header says; a
+        // request without a correlation header is correlated by its own id.
+        if let Some(r) = m.reply {
+            let env = &mut d.envelope;
+            env.reply_to = Some(r.as_str().to_owned());
+            env.correlation_id
+                .get_or_insert(CorrelationId::from(env.id));
+        }
+        d
+    });
     Subscription::new(stream)
 }
 
@@ -867,14 +864,14 @@ struct JsSub {
 impl JsSub {
     async fn next(&mut self) -> Option<Delivery> {
         loop {
-            if self.inner.closed.is_cancelled() {
+            if self.inner.closed.is_closed() {
                 return None;
             }
             if self.batch.is_none() {
                 let closed = self.inner.closed.clone();
                 let mut permits = tokio::select! {
                     p = self.credits.clone().acquire_many_owned(self.half) => p.ok()?,
-                    _ = closed.cancelled() => return None,
+                    _ = closed.closed() => return None,
                 };
                 let free = u32::try_from(self.credits.available_permits()).unwrap_or(0);
                 if free > 0
@@ -899,7 +896,7 @@ impl JsSub {
                         drop(permits);
                         tokio::select! {
                             _ = tokio::time::sleep(self.backoff) => {}
-                            _ = closed.cancelled() => return None,
+                            _ = closed.closed() => return None,
                         }
                         self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
                         continue;
@@ -1066,7 +1063,7 @@ impl NatsTransport {
         deadline: Instant,
     ) -> Result<impl Future<Output = Result<Envelope>> + Send + 'a> {
         let inner = &self.inner;
-        if inner.closed.is_cancelled() {
+        if inner.closed.is_closed() {
             return Err(Error::closed(NAME));
         }
         self.check_size(msg.payload.len())?;
@@ -1087,6 +1084,8 @@ impl NatsTransport {
         // future would be stored twice in this one (as the capture and inside the select).
         Ok(async move {
             tokio::select! {
+                // The reply first; the disconnect watch only matters while it is pending.
+                biased;
                 r = inner.client.send_request(subject, request) => {
                     call_outcome(r, pattern, correlation, timeout)
                 }
@@ -1163,7 +1162,7 @@ impl Transport for NatsTransport {
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.closed.cancel();
+        self.inner.closed.close();
         // Sends what is buffered, then closes; bounded so a dead server cannot hold it.
         match tokio::time::timeout(Duration::from_secs(5), self.inner.client.drain()).await {
             Ok(Ok(())) | Err(_) => Ok(()),

@@ -20,13 +20,12 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use switchboard_core::transport::{
-    Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Requester, Route, SubscribeOptions,
-    Subscriber, Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Requester, Route,
+    SubscribeOptions, Subscriber, Subscription, Transport,
 };
 use switchboard_core::{Envelope, Error, ErrorKind, ReplyError, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::NAME;
 use crate::codec::{Kind, delivery_count, delivery_from, properties};
@@ -53,7 +52,7 @@ struct Inner {
     connecting: tokio::sync::Mutex<()>,
     /// Bumped each time a connection is lost: waiting requests fail at once.
     lost: Arc<watch::Sender<u64>>,
-    closed: CancellationToken,
+    closed: CloseSignal,
     /// Direct reply-to waiters, by correlation id.
     calls: Arc<DashMap<String, oneshot::Sender<Envelope>>>,
     late: Arc<AtomicU64>,
@@ -144,7 +143,7 @@ impl RabbitTransport {
             session: RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
             lost: Arc::new(watch::channel(0).0),
-            closed: CancellationToken::new(),
+            closed: CloseSignal::new(),
             calls: Arc::new(DashMap::new()),
             late: Arc::new(AtomicU64::new(0)),
             inboxes: Mutex::new(Vec::new()),
@@ -225,7 +224,7 @@ async fn confirmed(
 impl Inner {
     /// The live session, connecting (once, whoever asks first) if there is none.
     async fn session(self: &Arc<Self>) -> Result<Arc<Session>> {
-        if self.closed.is_cancelled() {
+        if self.closed.is_closed() {
             return Err(Error::closed(NAME));
         }
         if let Some(s) = self.current() {
@@ -260,7 +259,7 @@ impl Inner {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = self.closed.cancelled() => return None,
+                _ = self.closed.closed() => return None,
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
@@ -354,7 +353,7 @@ impl Inner {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(RETURN_POLL) => {}
-                    _ = returns_closed.cancelled() => break,
+                    _ = returns_closed.closed() => break,
                 }
                 if !returns_ch.status().connected() {
                     break;
@@ -395,7 +394,7 @@ impl Inner {
             loop {
                 let next = tokio::select! {
                     n = replies.next() => n,
-                    _ = closed.cancelled() => None,
+                    _ = closed.closed() => None,
                 };
                 let Some(Ok(d)) = next else { break };
                 let corr = d
@@ -420,7 +419,7 @@ impl Inner {
                     }
                 }
             }
-            if !closed.is_cancelled() {
+            if !closed.is_closed() {
                 tracing::warn!("RabbitMQ connection lost; failing waiting requests, reconnecting");
                 lost.send_modify(|g| *g += 1);
             }
@@ -675,7 +674,7 @@ impl SubState {
                         tracing::warn!(error = %e, "RabbitMQ resubscribe failed; retrying");
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                            _ = self.inner.closed.cancelled() => return None,
+                            _ = self.inner.closed.closed() => return None,
                         }
                         continue;
                     }
@@ -686,7 +685,7 @@ impl SubState {
                 biased;
                 d = self.injected.recv() => return d,
                 n = consumer.next() => n,
-                _ = self.inner.closed.cancelled() => return None,
+                _ = self.inner.closed.closed() => return None,
             };
             match next {
                 Some(Ok(d)) => return Some(to_delivery(&self.source, d)),
@@ -1028,7 +1027,7 @@ impl Transport for RabbitTransport {
 
     async fn close(&self) -> Result<()> {
         let session = self.inner.current();
-        self.inner.closed.cancel();
+        self.inner.closed.close();
         let Some(s) = session else { return Ok(()) };
         let queues =
             std::mem::take(&mut *self.inner.inboxes.lock().unwrap_or_else(|p| p.into_inner()));

@@ -19,15 +19,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{
-    Acker, Capabilities, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions, Subscriber,
-    Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions,
+    Subscriber, Subscription, Transport,
 };
 
 /// The URL scheme of the in-memory transport.
@@ -196,7 +196,7 @@ impl Queue {
         self.notify.notify_one();
     }
 
-    async fn next(&self, closed: &CancellationToken) -> Option<Msg> {
+    async fn next(&self, closed: &CloseSignal) -> Option<Msg> {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -205,7 +205,7 @@ impl Queue {
                 return Some(m);
             }
             tokio::select! {
-                _ = closed.cancelled() => return None,
+                _ = closed.closed() => return None,
                 _ = &mut notified => {}
             }
         }
@@ -267,7 +267,7 @@ impl Drop for ConsumerGuard {
 pub struct MemoryTransport {
     bus: Arc<Bus>,
     config: MemoryConfig,
-    closed: CancellationToken,
+    closed: CloseSignal,
 }
 
 impl MemoryTransport {
@@ -286,12 +286,12 @@ impl MemoryTransport {
         MemoryTransport {
             bus,
             config,
-            closed: CancellationToken::new(),
+            closed: CloseSignal::new(),
         }
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.closed.is_cancelled() {
+        if self.closed.is_closed() {
             Err(Error::closed(NAME))
         } else {
             Ok(())
@@ -445,7 +445,7 @@ impl Subscriber for MemoryTransport {
     async fn open_inbox(&self, name: &str) -> Result<Inbox> {
         self.check_open()?;
         let address = format!("_inbox.{name}");
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         lock(&self.bus.inboxes).insert(address.clone(), tx);
         struct InboxGuard(Arc<Bus>, String);
         impl Drop for InboxGuard {
@@ -454,15 +454,12 @@ impl Subscriber for MemoryTransport {
             }
         }
         let guard = InboxGuard(self.bus.clone(), address.clone());
-        let closed = self.closed.clone();
-        let stream =
-            futures::stream::unfold((rx, guard, closed), |(mut rx, guard, closed)| async move {
-                let env = tokio::select! {
-                    _ = closed.cancelled() => None,
-                    env = rx.recv() => env,
-                }?;
-                Some((Delivery::new(env, 1, Box::new(NoAck)), (rx, guard, closed)))
-            });
+        let replies = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let stream = self.closed.guard(replies).map(move |env| {
+            // The inbox stays registered as long as its stream lives.
+            let _registered = &guard;
+            Delivery::new(env, 1, Box::new(NoAck))
+        });
         Ok(Inbox::new(address, Subscription::new(stream)))
     }
 }
@@ -485,7 +482,7 @@ impl Transport for MemoryTransport {
     }
 
     async fn close(&self) -> Result<()> {
-        self.closed.cancel();
+        self.closed.close();
         Ok(())
     }
 }

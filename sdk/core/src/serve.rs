@@ -20,7 +20,6 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::{CallOptions, Client, validate_pattern};
@@ -28,7 +27,7 @@ use crate::codec::{Decode, Encode};
 use crate::envelope::{Envelope, ReplyError, header};
 use crate::error::{Error, ErrorKind, HandlerError, Result};
 use crate::stats::Counters;
-use crate::transport::{Acker, Delivery, Route, SubscribeOptions, Subscription};
+use crate::transport::{Acker, CloseSignal, Delivery, Route, SubscribeOptions, Subscription};
 
 /// Backoff between attempts: exponential from `initial`, capped at `max`, with jitter (each
 /// delay drawn uniformly from its upper half, so retries of many messages spread out).
@@ -242,14 +241,14 @@ impl fmt::Debug for Service {
 /// Stops and drains one consumer loop; kept by the client too, for `Client::shutdown`.
 #[derive(Clone)]
 pub(crate) struct ServiceControl {
-    cancel: CancellationToken,
+    cancel: CloseSignal,
     tracker: TaskTracker,
     in_flight: Arc<AtomicUsize>,
 }
 
 impl ServiceControl {
     pub(crate) fn stop(&self) {
-        self.cancel.cancel();
+        self.cancel.close();
     }
 
     pub(crate) async fn drained(&self) {
@@ -398,7 +397,7 @@ impl Client {
         handler: Arc<ErasedHandler>,
     ) -> Service {
         let control = ServiceControl {
-            cancel: CancellationToken::new(),
+            cancel: CloseSignal::new(),
             tracker: TaskTracker::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
         };
@@ -470,27 +469,31 @@ struct Worker {
 async fn consume(worker: Arc<Worker>, mut sub: Subscription, control: ServiceControl) {
     // The deliveries in hand run concurrently inside this one task: no task spawned and no
     // cross-task wake-up per message. A handler with CPU-heavy work can spawn its own.
+    // Each delivery's future is boxed once (it must not move after its first poll).
     let mut running = FuturesUnordered::new();
     let limit = worker.opts.concurrency;
     let mut taking = true;
-    // One cancellation future for the whole loop: made anew per message, it would register
-    // with (and leave) the token's waiter list, under its lock, every time.
-    let cancelled = control.cancel.cancelled();
+    // The stop is checked as a flag each turn (no lock); its future, made once for the whole
+    // loop, is polled last, so it only registers for a wake-up while nothing else is ready.
+    let cancelled = control.cancel.closed();
     tokio::pin!(cancelled);
     loop {
+        if taking && control.cancel.is_closed() {
+            taking = false;
+        }
         tokio::select! {
             biased;
-            _ = &mut cancelled, if taking => taking = false,
             Some(()) = running.next(), if !running.is_empty() => {}
             d = sub.next(), if taking && running.len() < limit => match d {
                 Some(d) => running.push(worker.process(d)),
                 None => {
-                    if !control.cancel.is_cancelled() {
+                    if !control.cancel.is_closed() {
                         tracing::warn!(pattern = %worker.pattern, "subscription ended by the transport; handler stopped");
                     }
                     taking = false;
                 }
             },
+            _ = &mut cancelled, if taking => taking = false,
             else => {}
         }
         control.in_flight.store(running.len(), Ordering::Release);

@@ -6,13 +6,19 @@
 //! deadline checks, the reply correlator) lives in core so every transport behaves alike.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::Stream;
 use tokio::time::Instant;
+use tokio_util::sync::{
+    CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned,
+};
 
 use crate::envelope::Envelope;
 use crate::error::Result;
@@ -406,4 +412,125 @@ pub trait Transport: Publisher + Subscriber + fmt::Debug + 'static {
     /// # Errors
     /// Transport errors while closing.
     async fn close(&self) -> Result<()>;
+}
+
+/// A one-way "closed" signal cheap enough to check on every message: an atomic flag beside
+/// a [`CancellationToken`], which is kept for waking waiters only (its own check takes a
+/// lock, and a transport's token is shared by every call and subscription, across threads).
+#[derive(Debug, Clone, Default)]
+pub struct CloseSignal {
+    inner: Arc<CloseInner>,
+}
+
+#[derive(Debug, Default)]
+struct CloseInner {
+    closed: AtomicBool,
+    token: CancellationToken,
+}
+
+impl CloseSignal {
+    /// A signal not yet closed.
+    pub fn new() -> Self {
+        CloseSignal::default()
+    }
+
+    /// Closes: every check from now on sees it, every waiter wakes.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.token.cancel();
+    }
+
+    /// Whether [`CloseSignal::close`] was called (an atomic load, no lock).
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once closed (to wait in a `select!` while idle).
+    pub fn closed(&self) -> WaitForCancellationFuture<'_> {
+        self.inner.token.cancelled()
+    }
+
+    /// `stream`, ended once the signal closes. Between messages the flag is checked; the
+    /// token's wake-up is only waited for while the stream itself has nothing ready.
+    pub fn guard<S: Stream + Unpin>(&self, stream: S) -> UntilClosed<S> {
+        UntilClosed {
+            stream,
+            signal: self.clone(),
+            waiting: None,
+        }
+    }
+}
+
+/// A stream that ends when its [`CloseSignal`] closes (see [`CloseSignal::guard`]).
+pub struct UntilClosed<S> {
+    stream: S,
+    signal: CloseSignal,
+    waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl<S> fmt::Debug for UntilClosed<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UntilClosed")
+            .field("closed", &self.signal.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Stream + Unpin> Stream for UntilClosed<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = &mut *self;
+        if this.signal.is_closed() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = Pin::new(&mut this.stream).poll_next(cx) {
+            return Poll::Ready(item);
+        }
+        // Nothing ready: wait for the close too. Made once and kept, so it stays registered.
+        let token = &this.signal.inner.token;
+        let waiting = this
+            .waiting
+            .get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_guarded_stream_ends_when_the_signal_closes() {
+        let signal = CloseSignal::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let mut s = signal.guard(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        tx.send(1).unwrap();
+        assert_eq!(s.next().await, Some(1));
+        // Closed while the stream waits: the waiter wakes and the stream ends.
+        let closer = signal.clone();
+        let wait = tokio::spawn(async move { s.next().await });
+        tokio::task::yield_now().await;
+        assert!(!closer.is_closed());
+        closer.close();
+        let end = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        assert_eq!(end.expect("woken by the close").expect("task"), None);
+        assert!(signal.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_closed_signal_ends_a_busy_stream_at_the_next_item() {
+        let signal = CloseSignal::new();
+        let mut s = signal.guard(futures::stream::iter(0..));
+        assert_eq!(s.next().await, Some(0));
+        signal.close();
+        assert_eq!(s.next().await, None);
+        tokio::time::timeout(Duration::from_secs(5), signal.closed())
+            .await
+            .expect("closed() resolves once closed");
+    }
 }
