@@ -892,7 +892,10 @@ struct Seen {
     causation_id: Option<String>,
     traceparent: Option<String>,
     tracestate: Option<String>,
-    has_deadline: bool,
+    /// Milliseconds the handler had left until the deadline it received.
+    deadline_left_ms: Option<u64>,
+    /// That deadline, in Unix milliseconds.
+    deadline_ms: Option<u64>,
     tenant: Option<String>,
 }
 
@@ -903,7 +906,12 @@ fn seen_of(env: &Envelope) -> Seen {
         causation_id: env.causation_id.map(|c| c.to_string()),
         traceparent: env.headers.get(header::TRACEPARENT).cloned(),
         tracestate: env.headers.get(header::TRACESTATE).cloned(),
-        has_deadline: env.deadline.is_some(),
+        deadline_left_ms: env
+            .time_left()
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        deadline_ms: env
+            .deadline
+            .map(switchboard::envelope::system_time_to_millis),
         tenant: env.headers.get("x-tenant").cloned(),
     }
 }
@@ -957,7 +965,15 @@ pub async fn correlation_causation_and_trace_headers_round_trip(h: Harness) -> O
     assert_eq!(a.traceparent.as_deref(), Some(tp));
     assert_eq!(a.tracestate.as_deref(), Some("vendor=1"));
     assert_eq!(a.tenant.as_deref(), Some("acme"));
-    assert!(a.has_deadline, "the deadline travels with the request");
+    // The caller's default timeout, carried as a deadline: B sees (nearly) all of it left.
+    let timeout_ms = u64::try_from(client.config().timeout.as_millis()).unwrap_or(u64::MAX);
+    let a_left = a
+        .deadline_left_ms
+        .expect("the deadline travels with the request");
+    assert!(
+        a_left > 0 && a_left <= timeout_ms,
+        "B has {a_left} ms of a {timeout_ms} ms deadline left"
+    );
     assert_eq!(
         c.causation_id.as_deref(),
         Some(a.id.as_str()),
@@ -968,7 +984,13 @@ pub async fn correlation_causation_and_trace_headers_round_trip(h: Harness) -> O
         Some(tp),
         "trace context travels to C"
     );
-    assert!(c.has_deadline, "the deadline travels to C");
+    assert!(c.deadline_left_ms.is_some(), "the deadline travels to C");
+    // C's deadline is B's (re-derived from the time B had left, so within a millisecond).
+    let (b_at, c_at) = (a.deadline_ms.expect("B's"), c.deadline_ms.expect("C's"));
+    assert!(
+        c_at <= b_at + 1,
+        "C inherits B's deadline: {c_at} at C, {b_at} at B (Unix ms)"
+    );
     assert!(c.correlation_id.is_some());
     within("shutdown", server.shutdown())
         .await

@@ -42,6 +42,8 @@ pub(crate) struct Implied {
     /// On a reply: a causation id equal to the correlation id (the request's id, for the
     /// SDK's requests) is implied.
     pub(crate) causation_is_correlation: bool,
+    /// The deadline is a token of the subject (a request's `<prefix>.rqd.<ms>.<pattern>`).
+    pub(crate) deadline: bool,
 }
 
 /// NATS headers for `env`. Reserved names are static (no allocation, no validation); user
@@ -98,7 +100,7 @@ pub(crate) fn envelope_headers(env: &Envelope, implied: Implied) -> Result<Heade
             checked_value(header::REPLY_TO, r)?,
         );
     }
-    if let Some(d) = env.deadline {
+    if let (Some(d), false) = (env.deadline, implied.deadline) {
         let ms = switchboard_core::envelope::system_time_to_millis(d);
         map.insert(
             HeaderName::from_static(header::DEADLINE),

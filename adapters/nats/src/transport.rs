@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
-use futures::{StreamExt, TryFutureExt};
+use futures::{Stream, StreamExt, TryFutureExt};
 use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Requester, Route,
     SubscribeOptions, Subscriber, Subscription, Transport,
@@ -93,6 +93,19 @@ impl Inner {
         SubjectCache::get(&self.subjects.requests, pattern, |p| {
             self.cfg.request_subject(p)
         })
+    }
+
+    /// Where a request to `pattern` goes: with a deadline, `<prefix>.rqd.<ms>.<pattern>` (the
+    /// deadline travels in the subject, so the request needs no header for it); without one,
+    /// `<prefix>.req.<pattern>`.
+    fn request_target(&self, pattern: &str, deadline: Option<std::time::SystemTime>) -> Subject {
+        match deadline {
+            Some(d) => Subject::from(self.cfg.timed_request_subject(
+                pattern,
+                switchboard_core::envelope::system_time_to_millis(d),
+            )),
+            None => self.request_subject(pattern),
+        }
     }
 }
 
@@ -517,10 +530,10 @@ impl Publisher for NatsTransport {
     }
 }
 
-/// What the NATS message of a `request` carries itself: the pattern (its subject) and the
-/// reply address (its reply subject). The correlation id is a header, for the handler's
-/// context, unless it is the request's own id (the SDK's default), which the handler takes
-/// from `ce-id`.
+/// What the NATS message of a `request` carries itself: the pattern and the deadline (its
+/// subject, [`Inner::request_target`]) and the reply address (its reply subject). The
+/// correlation id is a header, for the handler's context, unless it is the request's own id
+/// (the SDK's default), which the handler takes from `ce-id`.
 const REQUEST_CARRIES: Implied = Implied {
     id: false,
     pattern: true,
@@ -528,6 +541,7 @@ const REQUEST_CARRIES: Implied = Implied {
     correlation_id: false,
     correlation_is_id: true,
     causation_is_correlation: false,
+    deadline: true,
 };
 
 /// What a `send` request leaves out besides [`REQUEST_CARRIES`]: its id. The caller never
@@ -626,7 +640,7 @@ impl Inner {
         Ok(self
             .client
             .publish_with_reply_and_headers(
-                self.request_subject(pattern),
+                self.request_target(pattern, msg.deadline),
                 reply,
                 headers,
                 msg.payload,
@@ -655,6 +669,7 @@ impl Inner {
                     || address.starts_with(NATS_INBOX_PREFIX),
                 correlation_is_id: false,
                 causation_is_correlation: true,
+                deadline: false,
             },
         )?;
         let subject = msg.take_reply_address(address);
@@ -705,13 +720,27 @@ impl Subscriber for NatsTransport {
                         durable_subscription(&self.inner, durable, pattern, opts.prefetch).await
                     }
                     EventMode::Core => {
-                        queue_subscription(&self.inner, subject, group, pattern).await
+                        let sub = queue_subscribe(inner, subject, group).await?;
+                        inner.sync_with_server().await?;
+                        Ok(core_subscription(inner.clone(), sub, pattern.to_owned()))
                     }
                 }
             }
             Route::Request(pattern) => {
-                let subject = inner.cfg.request_subject(pattern);
-                queue_subscription(&self.inner, subject, REQUEST_GROUP, pattern).await
+                // The SDK's requests carry their deadline in the subject; foreign clients
+                // (and requests without a deadline) use the plain subject.
+                let timed = queue_subscribe(
+                    inner,
+                    inner.cfg.timed_request_filter(pattern),
+                    REQUEST_GROUP,
+                )
+                .await?;
+                let plain =
+                    queue_subscribe(inner, inner.cfg.request_subject(pattern), REQUEST_GROUP)
+                        .await?;
+                inner.sync_with_server().await?;
+                let both = futures::stream::select(timed, plain);
+                Ok(core_subscription(inner.clone(), both, pattern.to_owned()))
             }
             Route::DeadLetter(pattern) => {
                 // One durable per pattern, shared by every reader: a work queue allows one
@@ -783,31 +812,39 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
     env
 }
 
-/// A core NATS queue subscription, returned once the server has it (so a request sent right
-/// after `handle` returns finds its handler).
-async fn queue_subscription(
-    inner: &Arc<Inner>,
+/// A core NATS queue subscription. The caller returns it only after
+/// [`Inner::sync_with_server`], so that a request sent right after `handle` returns finds its
+/// handler.
+async fn queue_subscribe(
+    inner: &Inner,
     subject: String,
     group: &str,
-    pattern: &str,
-) -> Result<Subscription> {
-    let sub = inner
+) -> Result<async_nats::Subscriber> {
+    inner
         .client
         .queue_subscribe(subject, group.to_owned())
         .await
-        .map_err(|e| conn_error("subscribe", e))?;
-    inner.sync_with_server().await?;
-    Ok(core_subscription(inner.clone(), sub, pattern.to_owned()))
+        .map_err(|e| conn_error("subscribe", e))
 }
 
 /// Requests and core-mode events: at most once, nothing to acknowledge.
 fn core_subscription(
     inner: Arc<Inner>,
-    sub: async_nats::Subscriber,
+    messages: impl Stream<Item = async_nats::Message> + Unpin + Send + 'static,
     pattern: String,
 ) -> Subscription {
-    let stream = inner.closed.guard(sub).map(move |m| {
+    let reader = inner.clone();
+    let stream = inner.closed.guard(messages).map(move |m| {
         let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck), None);
+        let env = &mut d.envelope;
+        // A request's deadline may travel in its subject (a header, if present, wins).
+        match reader.cfg.deadline_in_subject(m.subject.as_str()) {
+            Some(Ok(deadline)) => {
+                env.deadline.get_or_insert(deadline);
+            }
+            Some(Err(why)) if d.malformed.is_none() => d.malformed = Some(why),
+            _ => {}
+        }
         // The NATS reply subject is where the answer must go, whatever a header says; a
         // request without a correlation header is correlated by its own id.
         if let Some(r) = m.reply {
@@ -1079,7 +1116,7 @@ impl NatsTransport {
             .headers(headers)
             .payload(msg.payload)
             .timeout(Some(timeout));
-        let subject = inner.request_subject(pattern);
+        let subject = inner.request_target(pattern, msg.deadline);
         // The client's request future is made inside the block, not captured: a captured
         // future would be stored twice in this one (as the capture and inside the select).
         Ok(async move {
@@ -1106,9 +1143,19 @@ fn call_outcome(
     correlation: Option<CorrelationId>,
     timeout: Duration,
 ) -> Result<Envelope> {
+    // The reply envelope of a `send` stays inside the call (the caller gets the decoded
+    // value): without a `ce-id` it takes its request's id instead of drawing one.
+    let implied_id = correlation.map(MessageId::from);
     match reply {
-        Ok(m) => match delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck), None)
-            .into_parts()
+        Ok(m) => match delivery_from(
+            &m.headers,
+            m.payload,
+            pattern,
+            1,
+            Box::new(NoAck),
+            implied_id,
+        )
+        .into_parts()
         {
             (mut env, _, None, _) => {
                 env.complete_reply(correlation);

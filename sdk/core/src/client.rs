@@ -157,6 +157,22 @@ impl CallOptions {
 /// # Errors
 /// `InvalidConfig` saying what is wrong.
 pub fn validate_pattern(pattern: &str) -> Result<()> {
+    // One pass over the bytes for the usual, valid pattern; the checks below name the fault.
+    let bytes = pattern.as_bytes();
+    let mut after_dot = true;
+    let mut valid = !bytes.is_empty() && bytes.len() <= 200;
+    for &b in bytes {
+        if b == b'.' {
+            valid &= !after_dot;
+            after_dot = true;
+        } else {
+            valid &= b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+            after_dot = false;
+        }
+    }
+    if valid && !after_dot {
+        return Ok(());
+    }
     let bad = |why: &str| {
         Err(Error::invalid_config(
             "core",
@@ -183,6 +199,7 @@ pub fn validate_pattern(pattern: &str) -> Result<()> {
             ));
         }
     }
+    // Not reached: the pass above accepts exactly what these checks accept.
     Ok(())
 }
 
@@ -830,6 +847,33 @@ impl<Resp> Drop for ReplyStream<Resp> {
     fn drop(&mut self) {
         for id in self.keys.keys() {
             self.correlator.cancel(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_are_dot_separated_segments_of_safe_characters() {
+        for good in ["a", "users.get", "a-b_c.D9", &"x".repeat(200)] {
+            assert!(validate_pattern(good).is_ok(), "{good:?}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (".a", "empty segment"),
+            ("a.", "empty segment"),
+            ("a..b", "empty segment"),
+            ("has space", "` ` is not allowed"),
+            ("a/b", "`/` is not allowed"),
+            ("a.*", "`*` is not allowed"),
+            ("ünï", "is not allowed"),
+            (&"x".repeat(201), "longer than 200"),
+        ] {
+            let err = validate_pattern(bad).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+            assert!(err.to_string().contains(why), "{bad:?}: {err}");
         }
     }
 }

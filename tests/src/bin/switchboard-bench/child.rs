@@ -111,7 +111,16 @@ impl ChildServer {
 }
 
 impl Drop for ChildServer {
+    /// Asks the server to exit (its stdin closes) and gives it two seconds to do so, so that
+    /// a profiler it runs under can write its report; kills it after that.
     fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        for _ in 0..40 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

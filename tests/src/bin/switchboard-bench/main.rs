@@ -58,9 +58,9 @@ struct Args {
     /// (`send`s, 64 in flight), `async_rr`, `events` (for profiling one path). Default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
-    /// The raw client sends the metadata switchboard's envelope carries on the wire (a
-    /// request's deadline) as headers too: separates the cost of carrying metadata from the
-    /// SDK's own. NATS only.
+    /// The raw client carries what switchboard puts on the wire for the same work (a `send`'s
+    /// deadline, as a subject token) and its responder checks it: separates the cost of
+    /// carrying metadata from the SDK's own. NATS only.
     #[arg(long)]
     raw_metadata: bool,
     /// Internal: run as the server process of `switchboard` or `raw`.

@@ -13,6 +13,8 @@ use tokio::sync::Notify;
 use crate::workload::{self, Counter, Counts, Figure, check_reply, echo_bytes, encode};
 
 const ECHO: &str = "rawbench.echo";
+const TIMED_ECHO_PREFIX: &str = "rawbench.rqd.";
+const TIMED_ECHO_FILTER: &str = "rawbench.rqd.*.echo";
 const EVENTS: &str = "rawbench.evt";
 const STREAM: &str = "RAWBENCH";
 
@@ -52,6 +54,29 @@ pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, 
             }
         }
     });
+    // `--raw-metadata`: requests with their deadline in the subject, as switchboard sends
+    // them, read and checked here as its handlers do.
+    let mut timed = client
+        .queue_subscribe(TIMED_ECHO_FILTER, "raw".into())
+        .await
+        .expect("subscribe");
+    let c = client.clone();
+    tokio::spawn(async move {
+        while let Some(m) = timed.next().await {
+            let deadline = m
+                .subject
+                .strip_prefix(TIMED_ECHO_PREFIX)
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(ms, _)| ms.parse::<u64>().ok())
+                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
+            if deadline.is_some_and(|d| d <= std::time::SystemTime::now()) {
+                continue;
+            }
+            if let Some(reply) = m.reply {
+                let _ = c.publish(reply, echo_bytes(&m.payload).into()).await;
+            }
+        }
+    });
     let js = jetstream::new(client);
     let stream = events_stream(&js).await;
     let consumer: jetstream::consumer::PullConsumer = stream
@@ -77,34 +102,27 @@ pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, 
     });
 }
 
-/// With `--raw-metadata`: the headers switchboard sends on the same path (docs/wire.md): a
-/// `send` request its deadline; an event none (its id is the stream's identity of it).
-fn metadata(deadline: Option<Duration>) -> Option<async_nats::HeaderMap> {
+/// With `--raw-metadata`: the subject a `send` goes to with the metadata switchboard puts on
+/// the wire for it (docs/wire.md): its deadline, as a subject token. Events carry none (their
+/// id is the stream's identity of them).
+fn request_subject(deadline: Duration) -> String {
     if !workload::RAW_METADATA.load(Ordering::Relaxed) {
-        return None;
+        return ECHO.to_owned();
     }
-    let d = deadline?;
-    let mut h = async_nats::HeaderMap::new();
-    let ms = (std::time::SystemTime::now() + d)
+    let ms = (std::time::SystemTime::now() + deadline)
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    h.insert("sb-deadline", ms.to_string().as_str());
-    Some(h)
+    format!("{TIMED_ECHO_PREFIX}{ms}.echo")
 }
 
 pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Figure> {
     let client = async_nats::connect(addr(url)).await.expect("connect");
     let call = |client: async_nats::Client, i: u64| async move {
-        let r = match metadata(Some(Duration::from_secs(10))) {
-            None => client.request(ECHO, encode(i).into()).await,
-            Some(h) => {
-                let req = async_nats::Request::new()
-                    .payload(encode(i).into())
-                    .headers(h);
-                client.send_request(ECHO, req).await
-            }
-        }
-        .expect("request");
+        let subject = request_subject(Duration::from_secs(10));
+        let r = client
+            .request(subject, encode(i).into())
+            .await
+            .expect("request");
         check_reply(&r.payload, i);
     };
     let cl = client.clone();
@@ -117,10 +135,7 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
             |i| {
                 let js = js.clone();
                 async move {
-                    let ack = match metadata(None) {
-                        None => js.publish(EVENTS, encode(i).into()).await,
-                        Some(h) => js.publish_with_headers(EVENTS, h, encode(i).into()).await,
-                    };
+                    let ack = js.publish(EVENTS, encode(i).into()).await;
                     ack.expect("publish").await.expect("ack");
                 }
             },

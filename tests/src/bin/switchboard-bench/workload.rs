@@ -13,10 +13,10 @@ use tokio::sync::Notify;
 
 use crate::child::ChildServer;
 
-/// `--raw-metadata`: the raw client sends, as message headers, the metadata switchboard's
-/// envelope carries on the same path (a message id and, on requests, a deadline), so the
-/// ratio shows what the SDK costs beyond carrying that metadata. Off by default: the raw
-/// client then sends bare payloads.
+/// `--raw-metadata`: the raw client carries the metadata switchboard puts on the wire for the
+/// same work (on NATS: a `send`'s deadline, as a subject token), so the ratio shows what the
+/// SDK costs beyond carrying that metadata. Off by default: the raw client then sends bare
+/// payloads.
 pub(crate) static RAW_METADATA: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
