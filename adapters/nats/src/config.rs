@@ -302,7 +302,7 @@ impl NatsConfig {
 const TIMED_REQUEST: &str = ".rqd.";
 
 /// `n` in decimal, written into `buf` (no allocation, no formatting machinery).
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
     let mut i = buf.len();
     loop {
         i -= 1;

@@ -23,6 +23,7 @@
 
 mod codec;
 mod config;
+mod mux;
 mod transport;
 
 pub use config::{EventMode, NatsConfig};

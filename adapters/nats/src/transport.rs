@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::NAME;
 use crate::codec::{Implied, delivery_from, envelope_headers, header_map};
 use crate::config::{EventMode, NatsConfig};
+use crate::mux::{MuxReader, SEND_INBOX_PREFIX, SendMux};
 
 /// First part of every client inbox subject.
 const INBOX_PREFIX: &str = "_SB_INBOX.";
@@ -52,6 +53,9 @@ struct Inner {
     max_payload: usize,
     /// Event and request subjects of the patterns published to, built once each.
     subjects: SubjectCache,
+    /// `send`'s replies.
+    mux: Arc<SendMux>,
+    _mux_reader: MuxReader,
 }
 
 /// Subjects by pattern, so a publish neither formats its subject nor copies it again into
@@ -221,16 +225,21 @@ impl NatsTransport {
         };
         let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
         let js = jetstream::new(client.clone());
+        let closed = CloseSignal::new();
+        let (mux, mux_reader) =
+            SendMux::start(&client, &MessageId::new().to_string(), &closed).await?;
         Ok(NatsTransport {
             inner: Arc::new(Inner {
                 cfg,
                 client,
                 js,
                 disconnects,
-                closed: CloseSignal::new(),
+                closed,
                 streams: OnceCell::new(),
                 max_payload,
                 subjects: SubjectCache::default(),
+                mux,
+                _mux_reader: mux_reader,
             }),
         })
     }
@@ -256,12 +265,7 @@ impl NatsTransport {
         let map = header_map(headers.iter().copied())?;
         let subject = self.inner.cfg.event_subject(pattern);
         match self.inner.cfg.events {
-            EventMode::JetStream => {
-                self.inner.ensure_streams().await?;
-                self.inner
-                    .js_publish(subject.into(), || Ok(map.clone()), payload)
-                    .await
-            }
+            EventMode::JetStream => self.inner.js_publish(subject.into(), map, payload).await,
             EventMode::Core => {
                 self.inner
                     .client
@@ -341,21 +345,30 @@ impl Inner {
         }
     }
 
-    /// Publishes to JetStream and waits for the stream's ack. `headers` is called again
-    /// only in the rare case the stream has to be (re)created first.
+    /// Publishes to JetStream and waits for the stream's ack, creating the streams first if
+    /// this transport has not yet. The headers and payload are cloned for the first attempt
+    /// (for an empty header map and a payload, no copy), kept for the rare second one.
     async fn js_publish(
         &self,
         subject: Subject,
-        headers: impl Fn() -> Result<async_nats::HeaderMap>,
+        headers: async_nats::HeaderMap,
         payload: Bytes,
     ) -> Result<()> {
+        if !self.streams.initialized() {
+            Box::pin(self.ensure_streams()).await?;
+        }
+        // The client's publish future (near a kilobyte) in a box of its own: inline, it made
+        // this future too large for the allocator's per-thread cache.
         let first = async {
-            self.js
-                .publish_with_headers(subject.clone(), headers()?, payload.clone())
-                .await
-                .map_err(publish_error_raw)?
-                .await
-                .map_err(publish_error_raw)
+            Box::pin(self.js.publish_with_headers(
+                subject.clone(),
+                headers.clone(),
+                payload.clone(),
+            ))
+            .await
+            .map_err(publish_error_raw)?
+            .await
+            .map_err(publish_error_raw)
         };
         match first.await {
             Ok(_) => Ok(()),
@@ -363,15 +376,18 @@ impl Inner {
                 if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
             {
                 // JetStream still starting after a server restart, or the stream was
-                // deleted: (re)create it and try once more.
-                Box::pin(self.create_streams()).await?;
-                self.js
-                    .publish_with_headers(subject, headers()?, payload)
-                    .await
-                    .map_err(publish_error)?
-                    .await
-                    .map_err(publish_error)?;
-                Ok(())
+                // deleted: (re)create it and try once more. Boxed: a rare path.
+                Box::pin(async {
+                    self.create_streams().await?;
+                    self.js
+                        .publish_with_headers(subject, headers, payload)
+                        .await
+                        .map_err(publish_error)?
+                        .await
+                        .map_err(publish_error)?;
+                    Ok(())
+                })
+                .await
             }
             Err(Failed::Publish(e)) => Err(publish_error(e)),
             Err(Failed::Other(e)) => Err(e),
@@ -434,7 +450,7 @@ fn durable_name(kind: &str, group: &str, pattern: &str) -> String {
     format!("{kind}-{}-{}-{h:016x}", clean(group), clean(pattern))
 }
 
-fn conn_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+pub(crate) fn conn_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::new(
         ErrorKind::Connection,
         NAME,
@@ -516,7 +532,7 @@ impl Publisher for NatsTransport {
         }
         let inner = &self.inner;
         match route {
-            Route::Event(pattern) => Box::pin(inner.publish_event(pattern, msg)),
+            Route::Event(pattern) => inner.publish_event(pattern, msg).unwrap_or_else(failed),
             Route::Request(pattern) => match inner.publish_request(pattern, msg) {
                 Ok(f) => Box::pin(f),
                 Err(e) => failed(e),
@@ -525,7 +541,9 @@ impl Publisher for NatsTransport {
                 Ok(f) => Box::pin(f),
                 Err(e) => failed(e),
             },
-            Route::DeadLetter(pattern) => Box::pin(inner.publish_dead_letter(pattern, msg)),
+            Route::DeadLetter(pattern) => inner
+                .publish_dead_letter(pattern, msg)
+                .unwrap_or_else(failed),
         }
     }
 }
@@ -591,7 +609,8 @@ impl Inner {
         }
     }
 
-    async fn publish_event(&self, pattern: &str, msg: Envelope) -> Result<()> {
+    /// Encodes an event synchronously; the future returned holds no envelope.
+    fn publish_event(&self, pattern: &str, msg: Envelope) -> Result<Publishing<'_>> {
         let subject = self.event_subject(pattern);
         // The event's id is not sent: on JetStream the reader derives it from the stream
         // sequence and the time the stream stored the event (the same for every group and
@@ -601,18 +620,15 @@ impl Inner {
             pattern: true,
             ..Implied::default()
         };
-        match self.cfg.events {
-            EventMode::JetStream => {
-                self.ensure_streams().await?;
-                let headers = || envelope_headers(&msg, carried);
-                self.js_publish(subject, headers, msg.payload.clone()).await
-            }
-            EventMode::Core => self
-                .client
-                .publish_with_headers(subject, envelope_headers(&msg, carried)?, msg.payload)
-                .await
-                .map_err(|e| conn_error("publish", e)),
-        }
+        let headers = envelope_headers(&msg, carried)?;
+        Ok(match self.cfg.events {
+            EventMode::JetStream => Box::pin(self.js_publish(subject, headers, msg.payload)),
+            EventMode::Core => Box::pin(
+                self.client
+                    .publish_with_headers(subject, headers, msg.payload)
+                    .map_err(|e| conn_error("publish", e)),
+            ),
+        })
     }
 
     /// Checks and encodes a request synchronously; the future returned holds only the
@@ -654,9 +670,9 @@ impl Inner {
         address: &str,
         mut msg: Envelope,
     ) -> Result<impl Future<Output = Result<()>> + Send + '_> {
-        // Replies to this SDK's inboxes carry the correlation id in their subject, replies to
-        // a NATS request inbox are matched by their subject; replies to anywhere else keep it
-        // as a header. The causation id (the request's id) is left out when it equals the
+        // Replies to this SDK's inboxes are matched by their subject (`_SB_INBOX.`: it holds
+        // the correlation id; `_SB_SEND.`: the call's sequence), as are replies to a NATS
+        // request inbox; replies to anywhere else keep the correlation id as a header. The causation id (the request's id) is left out when it equals the
         // correlation id: the reader takes one for the other. Nothing reads a reply's own id.
         // A successful JSON reply thus travels without headers, as a plain NATS message.
         let headers = envelope_headers(
@@ -666,6 +682,7 @@ impl Inner {
                 pattern: true,
                 reply_to: true,
                 correlation_id: address.starts_with(INBOX_PREFIX)
+                    || address.starts_with(SEND_INBOX_PREFIX)
                     || address.starts_with(NATS_INBOX_PREFIX),
                 correlation_is_id: false,
                 causation_is_correlation: true,
@@ -679,15 +696,13 @@ impl Inner {
             .map_err(|e| conn_error("publish", e)))
     }
 
-    async fn publish_dead_letter(&self, pattern: &str, msg: Envelope) -> Result<()> {
-        self.ensure_streams().await?;
-        let headers = || envelope_headers(&msg, Implied::default());
-        self.js_publish(
+    fn publish_dead_letter(&self, pattern: &str, msg: Envelope) -> Result<Publishing<'_>> {
+        let headers = envelope_headers(&msg, Implied::default())?;
+        Ok(Box::pin(self.js_publish(
             self.cfg.dead_letter_subject(pattern).into(),
             headers,
-            msg.payload.clone(),
-        )
-        .await
+            msg.payload,
+        )))
     }
 }
 
@@ -1063,16 +1078,14 @@ impl Drop for JsAcker {
     }
 }
 
-/// `send`: async-nats's own request/reply, through the client's one multiplexed inbox
-/// (`_INBOX.<client>.*`, one subscription for all requests, demultiplexed inside the
-/// connection task). This is the fastest path NATS has, the one the raw client uses.
-///
-/// Unlike `request` (which uses switchboard's inbox), a reply that arrives after its `send`
-/// gave up is dropped inside async-nats and so is not counted in `Stats::late_replies`.
+/// `send`: a core NATS request whose reply subject is `_SB_SEND.<connection>.<sequence>`,
+/// read by the connection's one wildcard subscription and matched to its call by sequence
+/// ([`SendMux`]). Replies that come after their call gave up are counted in
+/// `Stats::late_replies`.
 ///
 /// Written without `async_trait`'s boxed body: the request is checked and encoded before
-/// the future is built, so the one future allocated per `send` holds the client's request
-/// and the disconnect watch, not the envelope and the encoding steps as well.
+/// the future is built, so the one future allocated per `send` holds the publish and the
+/// wait, not the envelope and the encoding steps as well.
 impl Requester for NatsTransport {
     fn call<'life0, 'life1, 'async_trait>(
         &'life0 self,
@@ -1089,6 +1102,10 @@ impl Requester for NatsTransport {
             Ok(f) => Box::pin(f),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+
+    fn late_replies(&self) -> Option<u64> {
+        Some(self.inner.mux.late_replies())
     }
 }
 
@@ -1111,21 +1128,28 @@ impl NatsTransport {
         inner.ensure_connected()?;
         let headers = envelope_headers(&msg, SEND_CARRIES)?;
         let correlation = msg.correlation_id;
-        let mut lost = inner.disconnects.subscribe();
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(msg.payload)
-            .timeout(Some(timeout));
         let subject = inner.request_target(pattern, msg.deadline);
-        // The client's request future is made inside the block, not captured: a captured
-        // future would be stored twice in this one (as the capture and inside the select).
+        let mut lost = inner.disconnects.subscribe();
+        let (reply_to, reply, waiting) = inner.mux.register();
+        let payload = msg.payload;
         Ok(async move {
+            inner
+                .client
+                .publish_with_reply_and_headers(subject, reply_to, headers, payload)
+                .await
+                .map_err(|e| request_publish_error(e, pattern))?;
             tokio::select! {
                 // The reply first; the disconnect watch only matters while it is pending.
                 biased;
-                r = inner.client.send_request(subject, request) => {
-                    call_outcome(r, pattern, correlation, timeout)
-                }
+                r = tokio::time::timeout_at(deadline, reply) => match r {
+                    Ok(Ok(m)) => {
+                        waiting.answered();
+                        call_outcome(m, pattern, correlation)
+                    }
+                    // The reader stopped: the transport is closing.
+                    Ok(Err(_)) => Err(Error::closed(NAME)),
+                    Err(_) => Err(Error::timeout(NAME, timeout)),
+                },
                 _ = lost.changed() => Err(Error::new(
                     ErrorKind::Connection,
                     NAME,
@@ -1136,56 +1160,57 @@ impl NatsTransport {
     }
 }
 
-/// The envelope of a `send`'s reply, or its typed error.
+/// A `send`'s request the client would not publish.
+fn request_publish_error(e: async_nats::client::PublishError, pattern: &str) -> Error {
+    use async_nats::client::PublishErrorKind as K;
+    match e.kind() {
+        K::MaxPayloadExceeded => Error::new(
+            ErrorKind::PayloadTooLarge,
+            NAME,
+            format!("request exceeds the limit of the server: {e}"),
+        ),
+        K::InvalidSubject => {
+            Error::invalid_config(NAME, format!("`{pattern}` is not a valid subject: {e}"))
+        }
+        K::Send => conn_error("request", e),
+    }
+}
+
+/// The envelope of a `send`'s reply, or its typed error: the server's no-responders notice
+/// (status 503, nothing else) fails the call at once.
 fn call_outcome(
-    reply: std::result::Result<async_nats::Message, async_nats::RequestError>,
+    m: async_nats::Message,
     pattern: &str,
     correlation: Option<CorrelationId>,
-    timeout: Duration,
 ) -> Result<Envelope> {
+    if m.status == Some(StatusCode::NO_RESPONDERS) {
+        return Err(Error::new(
+            ErrorKind::NoResponder,
+            NAME,
+            format!("no handler is subscribed to `{pattern}`"),
+        ));
+    }
     // The reply envelope of a `send` stays inside the call (the caller gets the decoded
     // value): without a `ce-id` it takes its request's id instead of drawing one.
     let implied_id = correlation.map(MessageId::from);
-    match reply {
-        Ok(m) => match delivery_from(
-            &m.headers,
-            m.payload,
-            pattern,
-            1,
-            Box::new(NoAck),
-            implied_id,
-        )
-        .into_parts()
-        {
-            (mut env, _, None, _) => {
-                env.complete_reply(correlation);
-                Ok(env)
-            }
-            (_, _, Some(why), _) => Err(Error::codec(
-                NAME,
-                format!("reply has malformed headers: {why}"),
-            )),
-        },
-        Err(e) => {
-            use async_nats::RequestErrorKind as K;
-            Err(match e.kind() {
-                K::TimedOut => Error::timeout(NAME, timeout),
-                K::NoResponders => Error::new(
-                    ErrorKind::NoResponder,
-                    NAME,
-                    format!("no handler is subscribed to `{pattern}`"),
-                ),
-                K::MaxPayloadExceeded => Error::new(
-                    ErrorKind::PayloadTooLarge,
-                    NAME,
-                    format!("request exceeds the limit of the server: {e}"),
-                ),
-                K::InvalidSubject => {
-                    Error::invalid_config(NAME, format!("`{pattern}` is not a valid subject: {e}"))
-                }
-                _ => conn_error("request", e),
-            })
+    match delivery_from(
+        &m.headers,
+        m.payload,
+        pattern,
+        1,
+        Box::new(NoAck),
+        implied_id,
+    )
+    .into_parts()
+    {
+        (mut env, _, None, _) => {
+            env.complete_reply(correlation);
+            Ok(env)
         }
+        (_, _, Some(why), _) => Err(Error::codec(
+            NAME,
+            format!("reply has malformed headers: {why}"),
+        )),
     }
 }
 
