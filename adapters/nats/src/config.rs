@@ -266,19 +266,26 @@ impl NatsConfig {
         let rest = subject
             .strip_prefix(self.prefix.as_str())?
             .strip_prefix(TIMED_REQUEST)?;
-        let token = rest
-            .as_bytes()
-            .split(|b| *b == b'.')
-            .next()
-            .unwrap_or_default();
-        // Up to 19 digits always fit in a u64; anything else is not a deadline.
-        if token.is_empty() || token.len() > 19 || !token.iter().all(u8::is_ascii_digit) {
-            let token = String::from_utf8_lossy(token);
+        // One pass: digits up to the next dot; up to 19 always fit in a u64.
+        let mut ms = 0u64;
+        let mut len = 0usize;
+        let mut digits_only = true;
+        for &b in rest.as_bytes() {
+            if b == b'.' {
+                break;
+            }
+            digits_only &= b.is_ascii_digit();
+            ms = ms
+                .wrapping_mul(10)
+                .wrapping_add(u64::from(b.wrapping_sub(b'0')));
+            len += 1;
+        }
+        if !digits_only || len == 0 || len > 19 {
+            let token = String::from_utf8_lossy(&rest.as_bytes()[..len]);
             return Some(Err(format!(
                 "deadline `{token}` in subject `{subject}` is not a number of milliseconds"
             )));
         }
-        let ms = token.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
         Some(Ok(UNIX_EPOCH + Duration::from_millis(ms)))
     }
 

@@ -485,7 +485,14 @@ async fn consume(worker: Arc<Worker>, mut sub: Subscription, control: ServiceCon
             biased;
             Some(()) = running.next(), if !running.is_empty() => {}
             d = sub.next(), if taking && running.len() < limit => match d {
-                Some(d) => running.push(worker.process(d)),
+                Some(d) => {
+                    // Polled once here first: a handler that finishes without waiting (and
+                    // its reply, taken by the transport at once) never enters the set.
+                    let mut handling = Box::pin(worker.process(d));
+                    if futures::poll!(handling.as_mut()).is_pending() {
+                        running.push(handling);
+                    }
+                }
                 None => {
                     if !control.cancel.is_closed() {
                         tracing::warn!(pattern = %worker.pattern, "subscription ended by the transport; handler stopped");
@@ -717,7 +724,7 @@ mod tests {
 mod future_size {
     use super::*;
 
-    /// Every delivery's future is allocated and moved into the consumer's set; it must stay
+    /// Every delivery's future is boxed (and moved into the consumer's set if it waits); it must stay
     /// small (it was 1,464 bytes when it held the delivery and reply envelopes by value; 424
     /// in a debug build with the reply inline and `Error` one pointer wide).
     #[tokio::test]
