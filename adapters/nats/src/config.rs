@@ -238,8 +238,8 @@ impl NatsConfig {
     /// rather than as a header: a request without headers is cheaper for the client, the
     /// server and the handler alike. One exact allocation.
     pub(crate) fn timed_request_subject(&self, pattern: &str, deadline_ms: u64) -> String {
-        let mut digits = [0u8; 20];
-        let ms = decimal(deadline_ms, &mut digits);
+        let mut digits = itoa::Buffer::new();
+        let ms = digits.format(deadline_ms);
         let mut s = String::with_capacity(
             self.prefix.len() + TIMED_REQUEST.len() + ms.len() + 1 + pattern.len(),
         );
@@ -307,20 +307,6 @@ impl NatsConfig {
 
 /// The subject kind of requests with a deadline (see [`NatsConfig::timed_request_subject`]).
 const TIMED_REQUEST: &str = ".rqd.";
-
-/// `n` in decimal, written into `buf` (no allocation, no formatting machinery).
-pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    std::str::from_utf8(&buf[i..]).unwrap_or("0")
-}
 
 /// A subject token or stream name: letters, digits, `-`, `_`.
 fn token(key: &str, value: &str) -> Result<String> {

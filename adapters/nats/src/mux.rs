@@ -15,10 +15,8 @@ use dashmap::DashMap;
 use futures::StreamExt;
 use switchboard_core::Result;
 use switchboard_core::transport::CloseSignal;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-
-use crate::config::decimal;
 
 /// First part of every `send` reply subject.
 pub(crate) const SEND_INBOX_PREFIX: &str = "_SB_SEND.";
@@ -45,7 +43,11 @@ impl Hasher for SeqHasher {
     }
 }
 
-type Waiters = DashMap<u64, oneshot::Sender<async_nats::Message>, BuildHasherDefault<SeqHasher>>;
+/// What a call receives: its reply, or `None` when the connection was lost while it waited
+/// (the reply may never come).
+pub(crate) type Answer = Option<async_nats::Message>;
+
+type Waiters = DashMap<u64, oneshot::Sender<Answer>, BuildHasherDefault<SeqHasher>>;
 
 /// The multiplexer of one connection.
 pub(crate) struct SendMux {
@@ -92,11 +94,13 @@ impl SendMux {
     /// Subscribes to the replies of this connection (`id` makes its subjects its own) and
     /// starts reading them. No round trip is needed before the first call: the server handles
     /// one connection's commands in order, so it has the subscription before any request the
-    /// connection publishes after it.
+    /// connection publishes after it. When `lost` changes (the connection dropped), every
+    /// call waiting is answered `None` at once rather than left to its deadline.
     pub(crate) async fn start(
         client: &async_nats::Client,
         id: &str,
         closed: &CloseSignal,
+        mut lost: watch::Receiver<u64>,
     ) -> Result<(Arc<SendMux>, MuxReader)> {
         let prefix = format!("{SEND_INBOX_PREFIX}{id}.");
         let sub = client
@@ -112,11 +116,42 @@ impl SendMux {
         let reader = mux.clone();
         let mut replies = closed.guard(sub);
         let task = tokio::spawn(async move {
-            while let Some(m) = replies.next().await {
-                reader.deliver(m);
+            // Watches for a lost connection while the replies keep coming; made anew only
+            // after it fired, and polled only when no reply is ready.
+            loop {
+                let changed = lost.changed();
+                tokio::pin!(changed);
+                let watching = loop {
+                    tokio::select! {
+                        biased;
+                        m = replies.next() => match m {
+                            Some(m) => reader.deliver(m),
+                            None => return,
+                        },
+                        r = &mut changed => break r.is_ok(),
+                    }
+                };
+                if !watching {
+                    // The transport is gone; read what still comes until the stream ends.
+                    while let Some(m) = replies.next().await {
+                        reader.deliver(m);
+                    }
+                    return;
+                }
+                reader.fail_all();
             }
         });
         Ok((mux, MuxReader(task)))
+    }
+
+    /// Answers every waiting call `None`: the connection was lost.
+    fn fail_all(&self) {
+        let seqs: Vec<u64> = self.waiters.iter().map(|e| *e.key()).collect();
+        for seq in seqs {
+            if let Some((_, tx)) = self.waiters.remove(&seq) {
+                let _ = tx.send(None);
+            }
+        }
     }
 
     /// Hands a reply to its call; counts it as late if nobody waits for it any more.
@@ -128,7 +163,7 @@ impl SendMux {
             .and_then(|s| s.parse::<u64>().ok());
         match seq.and_then(|s| self.waiters.remove(&s)) {
             Some((_, tx)) => {
-                if tx.send(m).is_err() {
+                if tx.send(Some(m)).is_err() {
                     // The call gave up between its last check and now.
                     self.late.fetch_add(1, Ordering::Relaxed);
                 }
@@ -142,12 +177,10 @@ impl SendMux {
 
     /// Registers a call: its reply subject, the receiver of its reply, and the guard that
     /// unregisters it if it ends unanswered.
-    pub(crate) fn register(
-        self: &Arc<Self>,
-    ) -> (String, oneshot::Receiver<async_nats::Message>, Waiting) {
+    pub(crate) fn register(self: &Arc<Self>) -> (String, oneshot::Receiver<Answer>, Waiting) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut digits = [0u8; 20];
-        let n = decimal(seq, &mut digits);
+        let mut digits = itoa::Buffer::new();
+        let n = digits.format(seq);
         let mut subject = String::with_capacity(self.prefix.len() + n.len());
         subject.push_str(&self.prefix);
         subject.push_str(n);

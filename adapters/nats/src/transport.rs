@@ -226,8 +226,13 @@ impl NatsTransport {
         let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
         let js = jetstream::new(client.clone());
         let closed = CloseSignal::new();
-        let (mux, mux_reader) =
-            SendMux::start(&client, &MessageId::new().to_string(), &closed).await?;
+        let (mux, mux_reader) = SendMux::start(
+            &client,
+            &MessageId::new().to_string(),
+            &closed,
+            disconnects.subscribe(),
+        )
+        .await?;
         Ok(NatsTransport {
             inner: Arc::new(Inner {
                 cfg,
@@ -1129,7 +1134,6 @@ impl NatsTransport {
         let headers = envelope_headers(&msg, SEND_CARRIES)?;
         let correlation = msg.correlation_id;
         let subject = inner.request_target(pattern, msg.deadline);
-        let mut lost = inner.disconnects.subscribe();
         let (reply_to, reply, waiting) = inner.mux.register();
         let payload = msg.payload;
         Ok(async move {
@@ -1138,23 +1142,21 @@ impl NatsTransport {
                 .publish_with_reply_and_headers(subject, reply_to, headers, payload)
                 .await
                 .map_err(|e| request_publish_error(e, pattern))?;
-            tokio::select! {
-                // The reply first; the disconnect watch only matters while it is pending.
-                biased;
-                r = tokio::time::timeout_at(deadline, reply) => match r {
-                    Ok(Ok(m)) => {
-                        waiting.answered();
-                        call_outcome(m, pattern, correlation)
+            match tokio::time::timeout_at(deadline, reply).await {
+                Ok(Ok(answer)) => {
+                    waiting.answered();
+                    match answer {
+                        Some(m) => call_outcome(m, pattern, correlation),
+                        None => Err(Error::new(
+                            ErrorKind::Connection,
+                            NAME,
+                            "connection to NATS lost while waiting for the reply; the request may or may not have been handled",
+                        )),
                     }
-                    // The reader stopped: the transport is closing.
-                    Ok(Err(_)) => Err(Error::closed(NAME)),
-                    Err(_) => Err(Error::timeout(NAME, timeout)),
-                },
-                _ = lost.changed() => Err(Error::new(
-                    ErrorKind::Connection,
-                    NAME,
-                    "connection to NATS lost while waiting for the reply; the request may or may not have been handled",
-                )),
+                }
+                // The reader stopped: the transport is closing.
+                Ok(Err(_)) => Err(Error::closed(NAME)),
+                Err(_) => Err(Error::timeout(NAME, timeout)),
             }
         })
     }

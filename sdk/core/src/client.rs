@@ -157,18 +157,25 @@ impl CallOptions {
 /// # Errors
 /// `InvalidConfig` saying what is wrong.
 pub fn validate_pattern(pattern: &str) -> Result<()> {
+    /// The bytes a segment may hold: ASCII letters and digits, `-` and `_`.
+    const SEGMENT_BYTE: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+            b += 1;
+        }
+        t
+    };
     // One pass over the bytes for the usual, valid pattern; the checks below name the fault.
     let bytes = pattern.as_bytes();
     let mut after_dot = true;
     let mut valid = !bytes.is_empty() && bytes.len() <= 200;
     for &b in bytes {
-        if b == b'.' {
-            valid &= !after_dot;
-            after_dot = true;
-        } else {
-            valid &= b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
-            after_dot = false;
-        }
+        let dot = b == b'.';
+        valid &= SEGMENT_BYTE[usize::from(b)] || (dot && !after_dot);
+        after_dot = dot;
     }
     if valid && !after_dot {
         return Ok(());
