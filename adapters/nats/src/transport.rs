@@ -869,7 +869,7 @@ fn core_subscription(
         // request without a correlation header is correlated by its own id.
         if let Some(r) = m.reply {
             let env = &mut d.envelope;
-            env.reply_to = Some(r.as_str().to_owned());
+            env.reply_to = Some(r.into_string());
             env.correlation_id
                 .get_or_insert(CorrelationId::from(env.id));
         }
