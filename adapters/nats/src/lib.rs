@@ -5,16 +5,18 @@
 //!
 //! | call | NATS feature used |
 //! | --- | --- |
-//! | `send` | async-nats's own core request/reply through the client's one multiplexed inbox (`_INBOX.<client>.*`, one subscription for all requests); a pattern nobody serves fails at once (the server's no-responders notice) |
+//! | `send` | core request/reply: the reply subject is `_SB_SEND.<connection>.<sequence>`, read by one wildcard subscription per connection and matched by sequence (late replies counted); a pattern nobody serves fails at once (the server's no-responders notice) |
 //! | `request` | switchboard's inbox for the client: the reply subject is `_SB_INBOX.<client>.<correlation id>.<pattern>`, replies arrive on one wildcard subscription and are matched by correlation id; the no-responders notice fails that request at once |
 //! | `emit` | JetStream publish, returning after the stream's ack (or, with `events=core`, a core publish: at-most-once) |
 //! | event handlers | one durable JetStream pull consumer per (pattern, group); members of a group share it |
 //! | request handlers | a queue group per pattern, so handlers compete |
 //! | dead letters | the `SWITCHBOARD_DLQ` work-queue stream, kept until read |
 //!
-//! Subjects: `<prefix>.evt.<pattern>`, `<prefix>.req.<pattern>`, `<prefix>.dlq.<pattern>`
-//! (prefix `sb` by default). Envelope fields travel as NATS headers under the names in
-//! `docs/wire.md`. See [`NatsConfig`] for the URL options.
+//! Subjects: `<prefix>.evt.<pattern>`, `<prefix>.rqd.<deadline ms>.<pattern>` for requests
+//! (`<prefix>.req.<pattern>` for plain NATS clients' requests without a deadline),
+//! `<prefix>.dlq.<pattern>` (prefix `sb` by default). Envelope fields travel as NATS headers
+//! under the names in `docs/wire.md`, except what the subjects carry. See [`NatsConfig`] for
+//! the URL options.
 //!
 //! Reconnection is automatic. While the connection is down, `send` fails at once with a
 //! retryable `Connection` error, and a `send` waiting for its reply when the connection

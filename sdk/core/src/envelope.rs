@@ -432,10 +432,29 @@ impl Envelope {
         fallback_pattern: &str,
         implied: Option<MessageId>,
     ) -> Result<Envelope> {
+        let mut env = Envelope::unfilled(payload);
+        env.fill_from_headers(headers, fallback_pattern, implied)?;
+        Ok(env)
+    }
+
+    /// An envelope holding only `payload`, for [`Envelope::fill_from_headers`] (no id drawn).
+    pub(crate) fn unfilled(payload: Bytes) -> Self {
+        Envelope::with_id(MessageId(Uuid::nil()), String::new(), payload)
+    }
+
+    /// Sets this envelope's fields from string headers (see [`Envelope::from_headers_or_id`]).
+    /// On an error the envelope is left part-filled, its payload untouched, for the caller to
+    /// keep the payload of a malformed message without a copy.
+    pub(crate) fn fill_from_headers<'a>(
+        &mut self,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        fallback_pattern: &str,
+        implied: Option<MessageId>,
+    ) -> Result<()> {
         // A fresh id only when the message has none (drawing one costs a clock read).
         let mut id = None;
         let mut pattern = None;
-        let mut env = Envelope::with_id(MessageId(Uuid::nil()), String::new(), payload);
+        let env = self;
         for (name, value) in headers {
             match name {
                 header::ID => id = Some(parse_id(name, value)?),
@@ -471,7 +490,7 @@ impl Envelope {
         }
         env.id = id.or(implied).unwrap_or_default();
         env.pattern = pattern.unwrap_or(fallback_pattern).to_owned();
-        Ok(env)
+        Ok(())
     }
 }
 

@@ -234,14 +234,16 @@ impl Delivery {
         acker: Box<dyn Acker>,
         implied: Option<crate::MessageId>,
     ) -> Self {
-        match Envelope::from_headers_or_id(headers, payload.clone(), pattern, implied) {
-            Ok(env) => Delivery::new(env, attempt, acker),
+        let mut env = Envelope::unfilled(payload);
+        match env.fill_from_headers(headers, pattern, implied) {
+            Ok(()) => Delivery::new(env, attempt, acker),
             Err(e) => {
-                let mut env = Envelope::new(pattern, payload);
+                // The payload as received, under a fresh envelope: nothing half-read stays.
+                let mut malformed = Envelope::new(pattern, env.payload);
                 if let Some(id) = implied {
-                    env.id = id;
+                    malformed.id = id;
                 }
-                Delivery::malformed(env, attempt, e.message().to_owned(), acker)
+                Delivery::malformed(malformed, attempt, e.message().to_owned(), acker)
             }
         }
     }
