@@ -1085,7 +1085,7 @@ impl Drop for JsAcker {
 
 /// `send`: a core NATS request whose reply subject is `_SB_SEND.<connection>.<sequence>`,
 /// read by the connection's one wildcard subscription and matched to its call by sequence
-/// ([`SendMux`]). Replies that come after their call gave up are counted in
+/// (`SendMux`). Replies that come after their call gave up are counted in
 /// `Stats::late_replies`.
 ///
 /// Written without `async_trait`'s boxed body: the request is checked and encoded before
