@@ -352,7 +352,7 @@ impl Inner {
 
     /// Publishes to JetStream and waits for the stream's ack, creating the streams first if
     /// this transport has not yet. The headers and payload are cloned for the first attempt
-    /// (for an empty header map and a payload, no copy), kept for the rare second one.
+    /// (the payload's bytes are shared, not copied) and kept for the rare second one.
     async fn js_publish(
         &self,
         subject: Subject,
