@@ -823,7 +823,17 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
         });
         return env;
     }
-    let d = delivery_from(&m.headers, m.payload, pattern, 1, Box::new(NoAck), None);
+    // A reply's id is never sent: it takes its request's (the correlation id, for the SDK's
+    // requests) rather than a fresh one.
+    let implied_id = from_subject.map(MessageId::from);
+    let d = delivery_from(
+        &m.headers,
+        m.payload,
+        pattern,
+        1,
+        Box::new(NoAck),
+        implied_id,
+    );
     let (mut env, _, malformed, _) = d.into_parts();
     if let Some(why) = malformed {
         tracing::debug!(reason = %why, "reply with malformed headers");

@@ -315,9 +315,10 @@ impl Envelope {
     }
 
     /// A reply to `request`: same pattern and correlation id, caused by the request, carrying
-    /// its trace context, addressed to its `reply_to`.
+    /// its trace context, addressed to its `reply_to`. Its id is the request's: a reply's id is
+    /// never sent nor shown (docs/wire.md), so none is drawn for it.
     pub fn reply_to(request: &Envelope, payload: impl Into<Bytes>) -> Self {
-        let mut reply = Envelope::new(request.pattern.clone(), payload);
+        let mut reply = Envelope::with_id(request.id, request.pattern.clone(), payload.into());
         reply.correlation_id = request.correlation_id;
         reply.causation_id = Some(request.id);
         reply.reply_to = request.reply_to.clone();
