@@ -59,21 +59,22 @@ pub(crate) struct SendMux {
 }
 
 /// Removes a call's waiter if the call ends without its reply (timeout, lost connection,
-/// dropped): the map only holds calls still waiting.
-pub(crate) struct Waiting {
-    mux: Arc<SendMux>,
+/// dropped): the map only holds calls still waiting. It borrows the multiplexer, as the call
+/// borrows its transport: no reference count touched per call.
+pub(crate) struct Waiting<'a> {
+    mux: &'a SendMux,
     seq: u64,
     armed: bool,
 }
 
-impl Waiting {
+impl Waiting<'_> {
     /// The reply came: the reader already removed the waiter.
     pub(crate) fn answered(mut self) {
         self.armed = false;
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.mux.waiters.remove(&self.seq);
@@ -177,7 +178,7 @@ impl SendMux {
 
     /// Registers a call: its reply subject, the receiver of its reply, and the guard that
     /// unregisters it if it ends unanswered.
-    pub(crate) fn register(self: &Arc<Self>) -> (String, oneshot::Receiver<Answer>, Waiting) {
+    pub(crate) fn register(&self) -> (String, oneshot::Receiver<Answer>, Waiting<'_>) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let mut digits = itoa::Buffer::new();
         let n = digits.format(seq);
@@ -187,7 +188,7 @@ impl SendMux {
         let (tx, rx) = oneshot::channel();
         self.waiters.insert(seq, tx);
         let waiting = Waiting {
-            mux: self.clone(),
+            mux: self,
             seq,
             armed: true,
         };

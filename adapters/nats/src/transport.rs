@@ -808,38 +808,59 @@ impl Subscriber for NatsTransport {
 /// part `skip` bytes long with its dot): a reply, or the server's notice that a request found
 /// no responder, turned into a reply carrying the `no_responder` error.
 fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
-    let (id, pattern) = m
-        .subject
+    let async_nats::Message {
+        subject,
+        status,
+        headers,
+        payload,
+        ..
+    } = m;
+    let (id, pattern) = subject
         .get(skip..)
         .and_then(|rest| rest.split_once('.'))
         .unwrap_or_default();
-    let from_subject = id.parse::<CorrelationId>().ok();
-    if m.status == Some(StatusCode::NO_RESPONDERS) {
-        let mut env = Envelope::new(pattern, Bytes::new());
-        env.correlation_id = from_subject;
-        env.error = Some(ReplyError {
-            code: "no_responder".into(),
-            message: format!("no handler is subscribed to `{pattern}`"),
-        });
-        return env;
+    let env = reply_envelope(status, &headers, payload, pattern, id.parse().ok());
+    if let Some(e) = env.error.as_ref().filter(|e| e.code == "codec") {
+        tracing::debug!(reason = %e.message, "reply with malformed headers");
     }
-    // A reply's id is never sent: it takes its request's (the correlation id, for the SDK's
-    // requests) rather than a fresh one.
-    let implied_id = from_subject.map(MessageId::from);
-    let d = delivery_from(
-        &m.headers,
-        m.payload,
-        pattern,
-        1,
-        Box::new(NoAck),
-        implied_id,
-    );
-    let (mut env, _, malformed, _) = d.into_parts();
-    if let Some(why) = malformed {
-        tracing::debug!(reason = %why, "reply with malformed headers");
-    }
-    env.complete_reply(from_subject);
     env
+}
+
+/// A reply read off a reply subject (a `send`'s or a `request`'s), as the envelope core turns
+/// into the caller's value or error: the server's no-responders notice (status 503, nothing
+/// else) becomes a `no_responder` reply error, a reply whose headers do not parse a `codec`
+/// one. Its id is its request's (a reply's id is never sent), `correlation` for the SDK's
+/// requests.
+fn reply_envelope(
+    status: Option<StatusCode>,
+    headers: &Option<async_nats::HeaderMap>,
+    payload: Bytes,
+    pattern: &str,
+    correlation: Option<CorrelationId>,
+) -> Envelope {
+    let failed = |code: &str, message: String| {
+        let mut env = Envelope::new(pattern, Bytes::new());
+        env.correlation_id = correlation;
+        env.error = Some(ReplyError {
+            code: code.to_owned(),
+            message,
+        });
+        env
+    };
+    if status == Some(StatusCode::NO_RESPONDERS) {
+        return failed(
+            "no_responder",
+            format!("no handler is subscribed to `{pattern}`"),
+        );
+    }
+    let implied_id = correlation.map(MessageId::from);
+    match delivery_from(headers, payload, pattern, 1, Box::new(NoAck), implied_id).into_parts() {
+        (mut env, _, None, _) => {
+            env.complete_reply(correlation);
+            env
+        }
+        (_, _, Some(why), _) => failed("codec", format!("reply has malformed headers: {why}")),
+    }
 }
 
 /// A core NATS queue subscription. The caller returns it only after
@@ -1156,7 +1177,13 @@ impl NatsTransport {
                 Ok(Ok(answer)) => {
                     waiting.answered();
                     match answer {
-                        Some(m) => call_outcome(m, pattern, correlation),
+                        Some(m) => Ok(reply_envelope(
+                            m.status,
+                            &m.headers,
+                            m.payload,
+                            pattern,
+                            correlation,
+                        )),
                         None => Err(Error::new(
                             ErrorKind::Connection,
                             NAME,
@@ -1185,44 +1212,6 @@ fn request_publish_error(e: async_nats::client::PublishError, pattern: &str) -> 
             Error::invalid_config(NAME, format!("`{pattern}` is not a valid subject: {e}"))
         }
         K::Send => conn_error("request", e),
-    }
-}
-
-/// The envelope of a `send`'s reply, or its typed error: the server's no-responders notice
-/// (status 503, nothing else) fails the call at once.
-fn call_outcome(
-    m: async_nats::Message,
-    pattern: &str,
-    correlation: Option<CorrelationId>,
-) -> Result<Envelope> {
-    if m.status == Some(StatusCode::NO_RESPONDERS) {
-        return Err(Error::new(
-            ErrorKind::NoResponder,
-            NAME,
-            format!("no handler is subscribed to `{pattern}`"),
-        ));
-    }
-    // The reply envelope of a `send` stays inside the call (the caller gets the decoded
-    // value): without a `ce-id` it takes its request's id instead of drawing one.
-    let implied_id = correlation.map(MessageId::from);
-    match delivery_from(
-        &m.headers,
-        m.payload,
-        pattern,
-        1,
-        Box::new(NoAck),
-        implied_id,
-    )
-    .into_parts()
-    {
-        (mut env, _, None, _) => {
-            env.complete_reply(correlation);
-            Ok(env)
-        }
-        (_, _, Some(why), _) => Err(Error::codec(
-            NAME,
-            format!("reply has malformed headers: {why}"),
-        )),
     }
 }
 
