@@ -68,7 +68,7 @@ async fn main() -> switchboard::Result<()> {
 async fn futures_next(sub: &mut switchboard::Subscription) -> switchboard::Envelope {
     use futures::StreamExt;
     let delivery = sub.next().await.expect("dead letters keep coming");
-    let env = delivery.envelope.clone();
+    let env = delivery.envelope().clone();
     delivery.ack().await.expect("acked");
     env
 }

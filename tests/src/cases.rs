@@ -110,7 +110,7 @@ async fn next_dead_letter(sub: &mut Subscription) -> Envelope {
     let d = within("a dead letter", sub.next())
         .await
         .expect("dead-letter subscription ended");
-    let env = d.envelope.clone();
+    let env = d.envelope().clone();
     within("ack the dead letter", d.ack())
         .await
         .expect("dead letter acked");

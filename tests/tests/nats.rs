@@ -14,6 +14,7 @@ switchboard_conformance::conformance_suite!(nats_harness::harness().await);
 /// reply (the handler never sees it) and the handler keeps serving.
 #[tokio::test]
 async fn foreign_nats_requests_are_served_and_malformed_ones_answered_with_an_error() {
+    use futures::StreamExt;
     use switchboard::{HandlerError, header};
     use switchboard_conformance::within;
 
@@ -67,13 +68,21 @@ async fn foreign_nats_requests_are_served_and_malformed_ones_answered_with_an_er
     .expect_err("an expired request gets no reply");
     assert_eq!(err.kind(), async_nats::RequestErrorKind::TimedOut, "{err}");
 
-    // A deadline token that is not a number: a codec error reply naming it.
-    let reply = within(
+    // A `send`-style reply subject whose deadline token is not a number: a codec error reply
+    // naming it, sent to that reply subject.
+    let reply_subject = "_SB_SEND.foreign.1.soon";
+    let mut replies = within("subscribe", raw.subscribe(reply_subject))
+        .await
+        .expect("subscribes");
+    within(
         "malformed deadline",
-        raw.request(format!("sb.rqd.soon.{p}"), "5".into()),
+        raw.publish_with_reply(format!("sb.req.{p}"), reply_subject, "5".into()),
     )
     .await
-    .expect("answered with an error");
+    .expect("published");
+    let reply = within("the error reply", replies.next())
+        .await
+        .expect("answered with an error");
     let headers = reply.headers.expect("an error reply has headers");
     assert_eq!(
         headers.get(header::ERROR_CODE).map(|v| v.as_str()),

@@ -5,7 +5,6 @@ use std::str::FromStr;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
-use switchboard_core::transport::{Acker, Delivery};
 use switchboard_core::{CorrelationId, Envelope, Error, MessageId, Result, content_type, header};
 
 use crate::NAME;
@@ -42,7 +41,8 @@ pub(crate) struct Implied {
     /// On a reply: a causation id equal to the correlation id (the request's id, for the
     /// SDK's requests) is implied.
     pub(crate) causation_is_correlation: bool,
-    /// The deadline is a token of the subject (a request's `<prefix>.rqd.<ms>.<pattern>`).
+    /// The deadline is the last token of the reply subject (a `send`'s
+    /// `_SB_SEND.<connection>.<seq>.<ms>`).
     pub(crate) deadline: bool,
 }
 
@@ -151,26 +151,24 @@ fn checked_value(name: &str, v: &str) -> Result<HeaderValue> {
     })
 }
 
-/// A delivery from a NATS message's headers and payload ([`Delivery::decode`]).
-pub(crate) fn delivery_from(
+/// A NATS message's headers and payload read as an envelope ([`Envelope::read`]): the
+/// envelope, and the reason it could not be read, if it could not.
+pub(crate) fn read_message(
     headers: &Option<HeaderMap>,
     payload: Bytes,
     pattern: &str,
-    attempt: u32,
-    acker: Box<dyn Acker>,
     implied_id: Option<MessageId>,
-) -> Delivery {
+) -> (Envelope, Option<String>) {
     let pairs = headers.iter().flat_map(|h| {
         h.iter()
             .filter_map(|(k, vs)| vs.first().map(|v| (k.as_ref(), v.as_str())))
     });
-    Delivery::decode_or_id(pairs, payload, pattern, attempt, acker, implied_id)
+    Envelope::read(pairs, payload, pattern, implied_id)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_core::transport::NoAck;
 
     #[test]
     fn envelope_round_trips_through_nats_headers() {
@@ -180,15 +178,7 @@ mod tests {
         env.correlation_id = Some(CorrelationId::new());
         env.key = Some("k1".into());
         let map = envelope_headers(&env, Implied::default()).expect("maps");
-        let (back, _, malformed, _) = delivery_from(
-            &Some(map),
-            env.payload.clone(),
-            "x",
-            1,
-            Box::new(NoAck),
-            None,
-        )
-        .into_parts();
+        let (back, malformed) = read_message(&Some(map), env.payload.clone(), "x", None);
         assert!(malformed.is_none());
         assert_eq!(back.id, env.id);
         assert_eq!(back.pattern, "users.get");
@@ -250,15 +240,7 @@ mod tests {
         };
         let map = envelope_headers(&reply, implied).expect("maps");
         assert!(map.is_empty(), "a plain reply needs no headers: {map:?}");
-        let (mut back, ..) = delivery_from(
-            &Some(map),
-            Bytes::new(),
-            "users.get",
-            1,
-            Box::new(NoAck),
-            None,
-        )
-        .into_parts();
+        let (mut back, _) = read_message(&Some(map), Bytes::new(), "users.get", None);
         back.complete_reply(req.correlation_id);
         assert_eq!(back.correlation_id, req.correlation_id);
         assert_eq!(back.causation_id, Some(req.id));
@@ -292,17 +274,10 @@ mod tests {
     }
 
     #[test]
-    fn malformed_reserved_header_makes_a_malformed_delivery() {
+    fn malformed_reserved_header_is_read_with_its_reason() {
         let map = header_map([("ce-id", "not-a-uuid")]).expect("maps");
-        let d = delivery_from(
-            &Some(map),
-            Bytes::from_static(b"x"),
-            "p",
-            1,
-            Box::new(NoAck),
-            None,
-        );
-        assert!(d.malformed.as_deref().is_some_and(|r| r.contains("ce-id")));
-        assert_eq!(&d.envelope.payload[..], b"x");
+        let (env, malformed) = read_message(&Some(map), Bytes::from_static(b"x"), "p", None);
+        assert!(malformed.as_deref().is_some_and(|r| r.contains("ce-id")));
+        assert_eq!(&env.payload[..], b"x");
     }
 }

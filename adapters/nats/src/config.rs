@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use switchboard_core::config::{
     Secret, parse_bool, parse_millis, parse_nodes, unknown_option, url_credentials,
@@ -233,62 +233,6 @@ impl NatsConfig {
         self.subject(".req.", pattern)
     }
 
-    /// Subject a request to `pattern` with a deadline is published to:
-    /// `<prefix>.rqd.<deadline in Unix ms>.<pattern>`. The deadline travels in the subject
-    /// rather than as a header: a request without headers is cheaper for the client, the
-    /// server and the handler alike. One exact allocation.
-    pub(crate) fn timed_request_subject(&self, pattern: &str, deadline_ms: u64) -> String {
-        let mut digits = itoa::Buffer::new();
-        let ms = digits.format(deadline_ms);
-        let mut s = String::with_capacity(
-            self.prefix.len() + TIMED_REQUEST.len() + ms.len() + 1 + pattern.len(),
-        );
-        s.push_str(&self.prefix);
-        s.push_str(TIMED_REQUEST);
-        s.push_str(ms);
-        s.push('.');
-        s.push_str(pattern);
-        s
-    }
-
-    /// What a handler of `pattern` subscribes to for requests with a deadline.
-    pub(crate) fn timed_request_filter(&self, pattern: &str) -> String {
-        self.subject(".rqd.*.", pattern)
-    }
-
-    /// The deadline a request's subject carries: `None` for a subject without one (a plain
-    /// `<prefix>.req.` request), `Some(Err)` for a deadline token that is not a number of
-    /// milliseconds.
-    pub(crate) fn deadline_in_subject(
-        &self,
-        subject: &str,
-    ) -> Option<std::result::Result<SystemTime, String>> {
-        let rest = subject
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(TIMED_REQUEST)?;
-        // One pass: digits up to the next dot; up to 19 always fit in a u64.
-        let mut ms = 0u64;
-        let mut len = 0usize;
-        let mut digits_only = true;
-        for &b in rest.as_bytes() {
-            if b == b'.' {
-                break;
-            }
-            digits_only &= b.is_ascii_digit();
-            ms = ms
-                .wrapping_mul(10)
-                .wrapping_add(u64::from(b.wrapping_sub(b'0')));
-            len += 1;
-        }
-        if !digits_only || len == 0 || len > 19 {
-            let token = String::from_utf8_lossy(&rest.as_bytes()[..len]);
-            return Some(Err(format!(
-                "deadline `{token}` in subject `{subject}` is not a number of milliseconds"
-            )));
-        }
-        Some(Ok(UNIX_EPOCH + Duration::from_millis(ms)))
-    }
-
     /// Subject dead letters of `pattern` are kept under.
     pub(crate) fn dead_letter_subject(&self, pattern: &str) -> String {
         self.subject(".dlq.", pattern)
@@ -304,9 +248,6 @@ impl NatsConfig {
         s
     }
 }
-
-/// The subject kind of requests with a deadline (see [`NatsConfig::timed_request_subject`]).
-const TIMED_REQUEST: &str = ".rqd.";
 
 /// A subject token or stream name: letters, digits, `-`, `_`.
 fn token(key: &str, value: &str) -> Result<String> {
@@ -376,37 +317,5 @@ mod tests {
             assert_eq!(e.kind(), switchboard_core::ErrorKind::InvalidConfig);
             assert!(e.to_string().contains(needle), "{url}: {e}");
         }
-    }
-
-    #[test]
-    fn a_deadline_travels_in_the_request_subject() {
-        let c = parse("nats://127.0.0.1:4222?prefix=app").expect("parses");
-        let subject = c.timed_request_subject("users.get", 1_732_000_000_123);
-        assert_eq!(subject, "app.rqd.1732000000123.users.get");
-        assert_eq!(subject.capacity(), subject.len(), "one exact allocation");
-        assert_eq!(c.timed_request_filter("users.get"), "app.rqd.*.users.get");
-        assert_eq!(
-            c.deadline_in_subject(&subject),
-            Some(Ok(UNIX_EPOCH + Duration::from_millis(1_732_000_000_123)))
-        );
-        assert_eq!(
-            c.timed_request_subject("p", 0),
-            "app.rqd.0.p",
-            "zero is a digit too"
-        );
-        // A plain request, or another prefix's, carries none.
-        assert_eq!(c.deadline_in_subject("app.req.users.get"), None);
-        assert_eq!(c.deadline_in_subject("sb.rqd.1.users.get"), None);
-        // A token that is not a number is an error that names it, not a panic.
-        let err = c
-            .deadline_in_subject("app.rqd.soon.users.get")
-            .expect("a timed subject")
-            .expect_err("not a number");
-        assert!(err.contains("`soon`"), "{err}");
-        assert!(
-            c.deadline_in_subject("app.rqd.99999999999999999999999.p")
-                .expect("timed")
-                .is_err()
-        );
     }
 }

@@ -12,11 +12,10 @@
 //! | request handlers | a queue group per pattern, so handlers compete |
 //! | dead letters | the `SWITCHBOARD_DLQ` work-queue stream, kept until read |
 //!
-//! Subjects: `<prefix>.evt.<pattern>`, `<prefix>.rqd.<deadline ms>.<pattern>` for requests
-//! (`<prefix>.req.<pattern>` for plain NATS clients' requests without a deadline),
-//! `<prefix>.dlq.<pattern>` (prefix `sb` by default). Envelope fields travel as NATS headers
-//! under the names in `docs/wire.md`, except what the subjects carry. See [`NatsConfig`] for
-//! the URL options.
+//! Subjects: `<prefix>.evt.<pattern>`, `<prefix>.req.<pattern>`, `<prefix>.dlq.<pattern>`
+//! (prefix `sb` by default); a `send`'s reply subject is `_SB_SEND.<connection>.<seq>.<deadline
+//! ms>`. Envelope fields travel as NATS headers under the names in `docs/wire.md`, except what
+//! the subjects carry. See [`NatsConfig`] for the URL options.
 //!
 //! Reconnection is automatic. While the connection is down, `send` fails at once with a
 //! retryable `Connection` error, and a `send` waiting for its reply when the connection

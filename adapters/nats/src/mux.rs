@@ -1,5 +1,12 @@
-//! `send`'s replies: one wildcard subscription per connection (`_SB_SEND.<id>.*`), a reply
-//! subject per call ending in a sequence number, and a sharded map from sequence to waiter.
+//! `send`'s replies: one wildcard subscription per connection (`_SB_SEND.<id>.>`), a reply
+//! subject per call (`_SB_SEND.<id>.<sequence>.<deadline>`), and a sharded map from sequence
+//! to waiter.
+//!
+//! The call's deadline travels as the last token of its reply subject: the request needs no
+//! header for it, and its subject stays the same for every call to a pattern (the server
+//! matches a subject it has seen from its cache; a subject that changed every millisecond was
+//! matched anew, and cost the server more CPU per request). The reply subject is new for every
+//! call anyway.
 //!
 //! async-nats has such a multiplexer too (`Client::request`), but its call future is over a
 //! kilobyte (it also holds the one-subscription-per-request variant), which made every `send`
@@ -10,6 +17,7 @@
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use futures::StreamExt;
@@ -51,7 +59,7 @@ type Waiters = DashMap<u64, oneshot::Sender<Answer>, BuildHasherDefault<SeqHashe
 
 /// The multiplexer of one connection.
 pub(crate) struct SendMux {
-    /// `_SB_SEND.<id>.`: a reply subject is this and a sequence number.
+    /// `_SB_SEND.<id>.`: a reply subject is this, a sequence number and a deadline.
     prefix: String,
     next: AtomicU64,
     waiters: Waiters,
@@ -105,7 +113,7 @@ impl SendMux {
     ) -> Result<(Arc<SendMux>, MuxReader)> {
         let prefix = format!("{SEND_INBOX_PREFIX}{id}.");
         let sub = client
-            .subscribe(format!("{prefix}*"))
+            .subscribe(format!("{prefix}>"))
             .await
             .map_err(|e| crate::transport::conn_error("subscribe", e))?;
         let mux = Arc::new(SendMux {
@@ -161,7 +169,7 @@ impl SendMux {
             .subject
             .as_str()
             .strip_prefix(self.prefix.as_str())
-            .and_then(|s| s.parse::<u64>().ok());
+            .and_then(leading_number);
         match seq.and_then(|s| self.waiters.remove(&s)) {
             Some((_, tx)) => {
                 if tx.send(Some(m)).is_err() {
@@ -176,15 +184,14 @@ impl SendMux {
         }
     }
 
-    /// Registers a call: its reply subject, the receiver of its reply, and the guard that
-    /// unregisters it if it ends unanswered.
-    pub(crate) fn register(&self) -> (String, oneshot::Receiver<Answer>, Waiting<'_>) {
+    /// Registers a call: its reply subject (carrying `deadline`, if any), the receiver of its
+    /// reply, and the guard that unregisters it if it ends unanswered.
+    pub(crate) fn register(
+        &self,
+        deadline: Option<SystemTime>,
+    ) -> (String, oneshot::Receiver<Answer>, Waiting<'_>) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut digits = itoa::Buffer::new();
-        let n = digits.format(seq);
-        let mut subject = String::with_capacity(self.prefix.len() + n.len());
-        subject.push_str(&self.prefix);
-        subject.push_str(n);
+        let subject = reply_subject(&self.prefix, seq, deadline);
         let (tx, rx) = oneshot::channel();
         self.waiters.insert(seq, tx);
         let waiting = Waiting {
@@ -198,5 +205,108 @@ impl SendMux {
     /// Replies that arrived for no waiting call.
     pub(crate) fn late_replies(&self) -> u64 {
         self.late.load(Ordering::Relaxed)
+    }
+}
+
+/// `<prefix><seq>.<deadline in Unix ms>` (or `<prefix><seq>` without a deadline), in one exact
+/// allocation.
+fn reply_subject(prefix: &str, seq: u64, deadline: Option<SystemTime>) -> String {
+    let mut seq_digits = itoa::Buffer::new();
+    let n = seq_digits.format(seq);
+    let mut ms_digits = itoa::Buffer::new();
+    let ms =
+        deadline.map(|d| ms_digits.format(switchboard_core::envelope::system_time_to_millis(d)));
+    let mut subject =
+        String::with_capacity(prefix.len() + n.len() + ms.map_or(0, |ms| 1 + ms.len()));
+    subject.push_str(prefix);
+    subject.push_str(n);
+    if let Some(ms) = ms {
+        subject.push('.');
+        subject.push_str(ms);
+    }
+    subject
+}
+
+/// The deadline a `send`'s reply subject carries (`_SB_SEND.<connection>.<seq>.<deadline>`):
+/// `None` for any other reply subject (a plain NATS client's inbox, a `request`'s), or one
+/// without a deadline; `Some(Err)` naming the token when it is not a number of milliseconds.
+pub(crate) fn deadline_in_reply(reply: &str) -> Option<std::result::Result<SystemTime, String>> {
+    let rest = reply.strip_prefix(SEND_INBOX_PREFIX)?.as_bytes();
+    // One pass from the end reads the deadline's digits up to the last dot (a general
+    // `split` cost more than the whole request's envelope); up to 19 digits fit a u64.
+    let (mut ms, mut scale, mut len, mut digits_only) = (0u64, 1u64, 0usize, true);
+    for &b in rest.iter().rev() {
+        if b == b'.' {
+            break;
+        }
+        digits_only &= b.is_ascii_digit() && len < 19;
+        if digits_only {
+            ms += u64::from(b - b'0') * scale;
+            scale = scale.wrapping_mul(10);
+        }
+        len += 1;
+    }
+    let last = rest.len().checked_sub(len + 1)?;
+    // `<connection>.<seq>` comes before it: a subject with one dot carries no deadline.
+    rest[..last].iter().rposition(|&b| b == b'.')?;
+    if !digits_only || len == 0 {
+        let token = &reply[reply.len() - len..];
+        return Some(Err(format!(
+            "deadline `{token}` in reply subject `{reply}` is not a number of milliseconds"
+        )));
+    }
+    Some(Ok(UNIX_EPOCH + Duration::from_millis(ms)))
+}
+
+/// The number at the start of `s`, up to its first dot (a reply's sequence); `None` if that
+/// is not a number that fits a u64.
+fn leading_number(s: &str) -> Option<u64> {
+    let end = s.bytes().position(|b| b == b'.').unwrap_or(s.len());
+    let digits = &s[..end];
+    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        digits
+            .bytes()
+            .fold(0u64, |n, b| n * 10 + u64::from(b - b'0')),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_travels_in_the_reply_subject() {
+        let deadline = UNIX_EPOCH + Duration::from_millis(1_732_000_000_123);
+        let subject = reply_subject("_SB_SEND.c1.", 7, Some(deadline));
+        assert_eq!(subject, "_SB_SEND.c1.7.1732000000123");
+        assert_eq!(subject.capacity(), subject.len(), "one exact allocation");
+        assert_eq!(deadline_in_reply(&subject), Some(Ok(deadline)));
+        assert_eq!(reply_subject("_SB_SEND.c1.", 0, None), "_SB_SEND.c1.0");
+        assert_eq!(
+            reply_subject("_SB_SEND.c1.", 1, Some(UNIX_EPOCH)),
+            "_SB_SEND.c1.1.0",
+            "zero is a digit too"
+        );
+        // Other reply subjects, and one without a deadline, carry none.
+        assert_eq!(deadline_in_reply("_SB_SEND.c1.7"), None);
+        assert_eq!(deadline_in_reply("_INBOX.abc.def.1732000000123"), None);
+        assert_eq!(deadline_in_reply("_SB_INBOX.c.id.users.get"), None);
+        // A token that is not a number is an error that names it, not a panic.
+        for bad in ["soon", "", "12a", "99999999999999999999999"] {
+            let subject = format!("_SB_SEND.c1.7.{bad}");
+            let err = deadline_in_reply(&subject)
+                .expect("a send's reply subject")
+                .expect_err(bad);
+            assert!(err.contains(&format!("`{bad}`")), "{err}");
+        }
+        // The sequence a reply is matched by.
+        assert_eq!(leading_number("7.1732000000123"), Some(7));
+        assert_eq!(leading_number("7"), Some(7));
+        assert_eq!(leading_number("x.1"), None);
+        assert_eq!(leading_number(""), None);
+        assert_eq!(leading_number("99999999999999999999999"), None);
     }
 }

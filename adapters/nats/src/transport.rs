@@ -22,9 +22,9 @@ use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::NAME;
-use crate::codec::{Implied, delivery_from, envelope_headers, header_map};
+use crate::codec::{Implied, envelope_headers, header_map, read_message};
 use crate::config::{EventMode, NatsConfig};
-use crate::mux::{MuxReader, SEND_INBOX_PREFIX, SendMux};
+use crate::mux::{MuxReader, SEND_INBOX_PREFIX, SendMux, deadline_in_reply};
 
 /// First part of every client inbox subject.
 const INBOX_PREFIX: &str = "_SB_INBOX.";
@@ -97,19 +97,6 @@ impl Inner {
         SubjectCache::get(&self.subjects.requests, pattern, |p| {
             self.cfg.request_subject(p)
         })
-    }
-
-    /// Where a request to `pattern` goes: with a deadline, `<prefix>.rqd.<ms>.<pattern>` (the
-    /// deadline travels in the subject, so the request needs no header for it); without one,
-    /// `<prefix>.req.<pattern>`.
-    fn request_target(&self, pattern: &str, deadline: Option<std::time::SystemTime>) -> Subject {
-        match deadline {
-            Some(d) => Subject::from(self.cfg.timed_request_subject(
-                pattern,
-                switchboard_core::envelope::system_time_to_millis(d),
-            )),
-            None => self.request_subject(pattern),
-        }
     }
 }
 
@@ -553,10 +540,11 @@ impl Publisher for NatsTransport {
     }
 }
 
-/// What the NATS message of a `request` carries itself: the pattern and the deadline (its
-/// subject, [`Inner::request_target`]) and the reply address (its reply subject). The
-/// correlation id is a header, for the handler's context, unless it is the request's own id
-/// (the SDK's default), which the handler takes from `ce-id`.
+/// What the NATS message of a `request` carries itself: the pattern (its subject) and the
+/// reply address (its reply subject). The deadline is a header (the reply subject ends in the
+/// pattern, so it has no room for it). The correlation id is a header, for the handler's
+/// context, unless it is the request's own id (the SDK's default), which the handler takes
+/// from `ce-id`.
 const REQUEST_CARRIES: Implied = Implied {
     id: false,
     pattern: true,
@@ -564,15 +552,17 @@ const REQUEST_CARRIES: Implied = Implied {
     correlation_id: false,
     correlation_is_id: true,
     causation_is_correlation: false,
-    deadline: true,
+    deadline: false,
 };
 
-/// What a `send` request leaves out besides [`REQUEST_CARRIES`]: its id. The caller never
-/// sees a `send`'s id or (default) correlation id, and the reply is matched by its inbox
-/// subject, so the handler takes a fresh id, which is also its correlation id (as if the
-/// caller had drawn it). A correlation id carried from a parent message still travels.
+/// What a `send` request leaves out besides [`REQUEST_CARRIES`]: its id and its deadline
+/// (the last token of its reply subject, see `mux`). The caller never sees a `send`'s id or
+/// (default) correlation id, and the reply is matched by its inbox subject, so the handler
+/// takes a fresh id, which is also its correlation id (as if the caller had drawn it). A
+/// correlation id carried from a parent message still travels.
 const SEND_CARRIES: Implied = Implied {
     id: true,
+    deadline: true,
     ..REQUEST_CARRIES
 };
 
@@ -661,7 +651,7 @@ impl Inner {
         Ok(self
             .client
             .publish_with_reply_and_headers(
-                self.request_target(pattern, msg.deadline),
+                self.request_subject(pattern),
                 reply,
                 headers,
                 msg.payload,
@@ -747,20 +737,10 @@ impl Subscriber for NatsTransport {
                 }
             }
             Route::Request(pattern) => {
-                // The SDK's requests carry their deadline in the subject; foreign clients
-                // (and requests without a deadline) use the plain subject.
-                let timed = queue_subscribe(
-                    inner,
-                    inner.cfg.timed_request_filter(pattern),
-                    REQUEST_GROUP,
-                )
-                .await?;
-                let plain =
-                    queue_subscribe(inner, inner.cfg.request_subject(pattern), REQUEST_GROUP)
-                        .await?;
+                let sub = queue_subscribe(inner, inner.cfg.request_subject(pattern), REQUEST_GROUP)
+                    .await?;
                 inner.sync_with_server().await?;
-                let both = futures::stream::select(timed, plain);
-                Ok(core_subscription(inner.clone(), both, pattern.to_owned()))
+                Ok(core_subscription(inner.clone(), sub, pattern.to_owned()))
             }
             Route::DeadLetter(pattern) => {
                 // One durable per pattern, shared by every reader: a work queue allows one
@@ -854,12 +834,12 @@ fn reply_envelope(
         );
     }
     let implied_id = correlation.map(MessageId::from);
-    match delivery_from(headers, payload, pattern, 1, Box::new(NoAck), implied_id).into_parts() {
-        (mut env, _, None, _) => {
+    match read_message(headers, payload, pattern, implied_id) {
+        (mut env, None) => {
             env.complete_reply(correlation);
             env
         }
-        (_, _, Some(why), _) => failed("codec", format!("reply has malformed headers: {why}")),
+        (_, Some(why)) => failed("codec", format!("reply has malformed headers: {why}")),
     }
 }
 
@@ -884,27 +864,24 @@ fn core_subscription(
     messages: impl Stream<Item = async_nats::Message> + Unpin + Send + 'static,
     pattern: String,
 ) -> Subscription {
-    let reader = inner.clone();
     let stream = inner.closed.guard(messages).map(move |m| {
-        let mut d = delivery_from(&m.headers, m.payload, &pattern, 1, Box::new(NoAck), None);
-        let env = &mut d.envelope;
-        // A request's deadline may travel in its subject (a header, if present, wins).
-        match reader.cfg.deadline_in_subject(m.subject.as_str()) {
-            Some(Ok(deadline)) => {
-                env.deadline.get_or_insert(deadline);
-            }
-            Some(Err(why)) if d.malformed.is_none() => d.malformed = Some(why),
-            _ => {}
-        }
+        let (mut env, mut malformed) = read_message(&m.headers, m.payload, &pattern, None);
         // The NATS reply subject is where the answer must go, whatever a header says; a
         // request without a correlation header is correlated by its own id.
         if let Some(r) = m.reply {
-            let env = &mut d.envelope;
+            // A `send`'s deadline travels in its reply subject (a header, if present, wins).
+            match deadline_in_reply(r.as_str()) {
+                Some(Ok(deadline)) => {
+                    env.deadline.get_or_insert(deadline);
+                }
+                Some(Err(why)) if malformed.is_none() => malformed = Some(why),
+                _ => {}
+            }
             env.reply_to = Some(r.into_string());
             env.correlation_id
                 .get_or_insert(CorrelationId::from(env.id));
         }
-        d
+        Delivery::from_parts(env, 1, malformed, Box::new(NoAck))
     });
     Subscription::new(stream)
 }
@@ -1031,14 +1008,9 @@ impl JsSub {
                     .map(|r| (self.inner.client.clone(), r)),
                 _credit: credit,
             });
-            return Some(delivery_from(
-                &message.headers,
-                message.payload,
-                &self.pattern,
-                attempt,
-                acker,
-                implied,
-            ));
+            let (env, malformed) =
+                read_message(&message.headers, message.payload, &self.pattern, implied);
+            return Some(Delivery::from_parts(env, attempt, malformed, acker));
         }
     }
 }
@@ -1164,8 +1136,8 @@ impl NatsTransport {
         inner.ensure_connected()?;
         let headers = envelope_headers(&msg, SEND_CARRIES)?;
         let correlation = msg.correlation_id;
-        let subject = inner.request_target(pattern, msg.deadline);
-        let (reply_to, reply, waiting) = inner.mux.register();
+        let subject = inner.request_subject(pattern);
+        let (reply_to, reply, waiting) = inner.mux.register(msg.deadline);
         let payload = msg.payload;
         Ok(async move {
             inner

@@ -6,7 +6,6 @@
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use switchboard_core::transport::{Acker, Delivery};
 use switchboard_core::{Envelope, header};
 
 /// Headers the broker adds that are not part of the envelope.
@@ -100,15 +99,14 @@ fn put(table: &mut FieldTable, name: &str, value: impl Into<LongString>) {
     table.insert(name.into(), AMQPValue::LongString(value.into()));
 }
 
-/// A delivery from AMQP properties, headers and body ([`Delivery::decode`]). Header values
-/// that are not strings (numbers, booleans from foreign producers) are read as their text.
-pub(crate) fn delivery_from(
+/// AMQP properties, headers and body read as an envelope ([`Envelope::read`]): the envelope,
+/// and the reason it could not be read, if it could not. Header values that are not strings
+/// (numbers, booleans from foreign producers) are read as their text.
+pub(crate) fn read_message(
     props: &BasicProperties,
     payload: Vec<u8>,
     pattern: &str,
-    attempt: u32,
-    acker: Box<dyn Acker>,
-) -> Delivery {
+) -> (Envelope, Option<String>) {
     let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(12);
     for (k, v) in [
         (header::ID, props.message_id()),
@@ -131,12 +129,11 @@ pub(crate) fn delivery_from(
             }
         }
     }
-    Delivery::decode(
+    Envelope::read(
         pairs.iter().map(|(k, v)| (*k, v.as_ref())),
         payload.into(),
         pattern,
-        attempt,
-        acker,
+        None,
     )
 }
 
@@ -168,7 +165,6 @@ pub(crate) fn delivery_count(props: &BasicProperties) -> Option<u32> {
 mod tests {
     use super::*;
     use switchboard_core::CorrelationId;
-    use switchboard_core::transport::NoAck;
 
     #[test]
     fn envelope_round_trips_through_amqp_properties() {
@@ -184,8 +180,7 @@ mod tests {
             props.message_id().as_ref().map(|s| s.as_str().to_owned()),
             Some(env.id.to_string())
         );
-        let (back, _, malformed, _) =
-            delivery_from(&props, b"{}".to_vec(), "x", 1, Box::new(NoAck)).into_parts();
+        let (back, malformed) = read_message(&props, b"{}".to_vec(), "x");
         assert!(malformed.is_none());
         assert_eq!(back.id, env.id);
         assert_eq!(back.pattern, "orders.created");
@@ -211,8 +206,7 @@ mod tests {
         assert!(props.kind().is_none());
         assert!(props.reply_to().is_none());
         assert!(props.headers().is_none(), "no table: {:?}", props.headers());
-        let (mut back, ..) =
-            delivery_from(&props, b"{}".to_vec(), "", 1, Box::new(NoAck)).into_parts();
+        let (mut back, _) = read_message(&props, b"{}".to_vec(), "");
         back.complete_reply(None);
         assert_eq!(back.correlation_id, req.correlation_id);
         assert_eq!(back.causation_id, Some(req.id));
@@ -221,7 +215,7 @@ mod tests {
         long.reply_to = Some("q".repeat(300));
         let props = properties(&long, false, Kind::Message);
         assert!(props.reply_to().is_none());
-        let back = delivery_from(&props, Vec::new(), "", 1, Box::new(NoAck)).envelope;
+        let (back, _) = read_message(&props, Vec::new(), "");
         assert_eq!(back.reply_to, long.reply_to);
     }
 
@@ -232,19 +226,17 @@ mod tests {
         table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
         let props = BasicProperties::default().with_headers(table);
         assert_eq!(delivery_count(&props), Some(2));
-        let d = delivery_from(&props, b"raw".to_vec(), "p", 1, Box::new(NoAck));
-        assert_eq!(
-            d.envelope.headers.get("x-retries").map(String::as_str),
-            Some("3")
-        );
-        assert!(!d.envelope.headers.contains_key("x-delivery-count"));
-        assert_eq!(d.envelope.pattern, "p");
+        let (env, _) = read_message(&props, b"raw".to_vec(), "p");
+        assert_eq!(env.headers.get("x-retries").map(String::as_str), Some("3"));
+        assert!(!env.headers.contains_key("x-delivery-count"));
+        assert_eq!(env.pattern, "p");
     }
 
     #[test]
-    fn malformed_message_id_makes_a_malformed_delivery() {
+    fn malformed_message_id_is_read_with_its_reason() {
         let props = BasicProperties::default().with_message_id("not-a-uuid".into());
-        let d = delivery_from(&props, b"x".to_vec(), "p", 1, Box::new(NoAck));
-        assert!(d.malformed.as_deref().is_some_and(|r| r.contains("ce-id")));
+        let (env, malformed) = read_message(&props, b"x".to_vec(), "p");
+        assert!(malformed.as_deref().is_some_and(|r| r.contains("ce-id")));
+        assert_eq!(&env.payload[..], b"x");
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::NAME;
-use crate::codec::{Kind, delivery_count, delivery_from, properties};
+use crate::codec::{Kind, delivery_count, properties, read_message};
 use crate::config::{QueueType, RabbitConfig};
 
 /// RabbitMQ's pseudo-queue for direct reply-to.
@@ -405,9 +405,7 @@ impl Inner {
                 let waiter = corr.and_then(|c| calls.remove(&c)).map(|(_, tx)| tx);
                 match waiter {
                     Some(tx) => {
-                        let (mut env, _, malformed, _) =
-                            delivery_from(&d.properties, d.data, "", 1, Box::new(NoAck))
-                                .into_parts();
+                        let (mut env, malformed) = read_message(&d.properties, d.data, "");
                         if let Some(why) = malformed {
                             tracing::debug!(reason = %why, "reply with malformed headers");
                         }
@@ -721,25 +719,26 @@ fn to_delivery(source: &Source, d: lapin::message::Delivery) -> Delivery {
         ..
     } = d;
     if source.no_ack() {
-        let mut d = delivery_from(&properties, data, source.pattern(), 1, Box::new(NoAck));
+        let (mut env, malformed) = read_message(&properties, data, source.pattern());
         if matches!(source, Source::Inbox { .. }) {
-            d.envelope.complete_reply(None);
+            env.complete_reply(None);
         }
         if let Some(r) = properties.reply_to() {
             // The AMQP reply-to is where the answer must go, whatever a header says (read
             // from the property already unless a header overrode it).
-            if d.envelope.reply_to.as_deref() != Some(r.as_str()) {
-                d.envelope.reply_to = Some(r.as_str().to_owned());
+            if env.reply_to.as_deref() != Some(r.as_str()) {
+                env.reply_to = Some(r.as_str().to_owned());
             }
         }
-        return d;
+        return Delivery::from_parts(env, 1, malformed, Box::new(NoAck));
     }
     let attempt = match delivery_count(&properties) {
         Some(n) => n.saturating_add(1),
         None => 1 + u32::from(redelivered),
     };
     let acker = Box::new(RabbitAcker { acker: Some(acker) });
-    delivery_from(&properties, data, source.pattern(), attempt, acker)
+    let (env, malformed) = read_message(&properties, data, source.pattern());
+    Delivery::from_parts(env, attempt, malformed, acker)
 }
 
 /// Acknowledges one AMQP delivery. A rejected delivery goes back to its queue after the

@@ -111,6 +111,7 @@ impl Correlator {
                     }
                 };
                 let (env, _, _, acker) = delivery.into_parts();
+                let env = crate::transport::owned(env);
                 // Replies are settled as soon as they are read: a reply cannot be handled twice.
                 if let Err(e) = acker.ack().await {
                     tracing::warn!(error = %e, "could not acknowledge a reply");

@@ -330,6 +330,26 @@ impl Envelope {
         reply
     }
 
+    /// [`Envelope::reply_to`] for a request that is no longer needed: its pattern, reply
+    /// address and trace headers move into the reply instead of being copied.
+    pub fn into_reply(self, payload: impl Into<Bytes>) -> Self {
+        let Envelope {
+            id,
+            pattern,
+            correlation_id,
+            reply_to,
+            mut headers,
+            ..
+        } = self;
+        headers.retain(|name, _| name == header::TRACEPARENT || name == header::TRACESTATE);
+        let mut reply = Envelope::with_id(id, pattern, payload.into());
+        reply.correlation_id = correlation_id;
+        reply.causation_id = Some(id);
+        reply.reply_to = reply_to;
+        reply.headers = headers;
+        reply
+    }
+
     /// Whether a reply may leave out its causation id: it equals the correlation id (the
     /// request's id, for the SDK's requests), which [`Envelope::complete_reply`] takes for it.
     pub fn causation_implied(&self) -> bool {
@@ -436,6 +456,29 @@ impl Envelope {
         let mut env = Envelope::unfilled(payload);
         env.fill_from_headers(headers, fallback_pattern, implied)?;
         Ok(env)
+    }
+
+    /// Reads a message the way a broker adapter receives it, as [`Envelope::from_headers_or_id`]
+    /// does, but never fails: a message whose headers do not parse comes back as a fresh
+    /// envelope holding the payload as received (and the implied id, if any) with the reason,
+    /// so that the consumer can dead-letter it. Nothing half-read stays.
+    pub fn read<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        payload: Bytes,
+        fallback_pattern: &str,
+        implied: Option<MessageId>,
+    ) -> (Envelope, Option<String>) {
+        let mut env = Envelope::unfilled(payload);
+        match env.fill_from_headers(headers, fallback_pattern, implied) {
+            Ok(()) => (env, None),
+            Err(e) => {
+                let mut malformed = Envelope::new(fallback_pattern, env.payload);
+                if let Some(id) = implied {
+                    malformed.id = id;
+                }
+                (malformed, Some(e.message().to_owned()))
+            }
+        }
     }
 
     /// An envelope holding only `payload`, for [`Envelope::fill_from_headers`] (no id drawn).
@@ -633,6 +676,8 @@ mod tests {
             req.headers.get(header::TRACEPARENT)
         );
         assert!(!reply.headers.contains_key("x-tenant"));
+        // Built from the request by value, the reply is the same.
+        assert_eq!(req.clone().into_reply(Bytes::new()), reply);
     }
 
     #[test]

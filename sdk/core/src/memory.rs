@@ -123,12 +123,14 @@ struct Bus {
     topics: RwLock<HashMap<String, HashMap<String, Arc<Queue>>>>,
     requests: Mutex<HashMap<String, Arc<Queue>>>,
     dead_letters: Mutex<HashMap<String, Arc<Queue>>>,
-    inboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Envelope>>>,
+    inboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Arc<Envelope>>>>,
 }
 
 #[derive(Debug)]
 struct Msg {
-    env: Envelope,
+    /// Shared with its deliveries (and with every group's copy of an event): handed out
+    /// without a copy.
+    env: Arc<Envelope>,
     /// Deliveries so far.
     attempt: u32,
     /// Why the message could not be read, for a malformed foreign message.
@@ -314,10 +316,7 @@ impl MemoryTransport {
                     queue,
                     msg: Some(msg),
                 });
-                let delivery = match malformed {
-                    None => Delivery::new(env, attempt, acker),
-                    Some(reason) => Delivery::malformed(env, attempt, reason, acker),
-                };
+                let delivery = Delivery::from_parts(env, attempt, malformed, acker);
                 Some((delivery, (guard, closed)))
             },
         ))
@@ -371,7 +370,8 @@ impl MemoryTransport {
                 ),
             ));
         }
-        let msg = |env: Envelope| Msg {
+        let env = Arc::new(env);
+        let msg = |env: Arc<Envelope>| Msg {
             env,
             attempt: 0,
             malformed: malformed.clone(),
@@ -458,7 +458,7 @@ impl Subscriber for MemoryTransport {
         let stream = self.closed.guard(replies).map(move |env| {
             // The inbox stays registered as long as its stream lives.
             let _registered = &guard;
-            Delivery::new(env, 1, Box::new(NoAck))
+            Delivery::from_parts(env, 1, None, Box::new(NoAck))
         });
         Ok(Inbox::new(address, Subscription::new(stream)))
     }
@@ -526,17 +526,17 @@ mod tests {
             t.publish(Route::Event("k"), env).await.expect("publish");
         }
         let first = sub.next().await.expect("a0");
-        assert_eq!(&first.envelope.payload[..], b"0");
+        assert_eq!(&first.envelope().payload[..], b"0");
         // "a" is out, so the next one handed out is "b", not the second "a".
         let second = sub.next().await.expect("b2");
-        assert_eq!(&second.envelope.payload[..], b"2");
+        assert_eq!(&second.envelope().payload[..], b"2");
         first.nack(Duration::ZERO).await.expect("nack");
         let again = sub.next().await.expect("a0 again");
-        assert_eq!(&again.envelope.payload[..], b"0");
+        assert_eq!(&again.envelope().payload[..], b"0");
         assert_eq!(again.attempt, 2);
         again.ack().await.expect("ack");
         let third = sub.next().await.expect("a1");
-        assert_eq!(&third.envelope.payload[..], b"1");
+        assert_eq!(&third.envelope().payload[..], b"1");
     }
 
     #[tokio::test]

@@ -28,7 +28,9 @@ use crate::codec::{Decode, Encode};
 use crate::envelope::{Envelope, ReplyError, header};
 use crate::error::{Error, ErrorKind, HandlerError, Result};
 use crate::stats::Counters;
-use crate::transport::{Acker, CloseSignal, Delivery, Route, SubscribeOptions, Subscription};
+use crate::transport::{
+    Acker, CloseSignal, Delivery, Route, SubscribeOptions, Subscription, owned,
+};
 
 /// Backoff between attempts: exponential from `initial`, capped at `max`, with jitter (each
 /// delay drawn uniformly from its upper half, so retries of many messages spread out).
@@ -538,13 +540,10 @@ impl<H: Handle> Worker<H> {
     }
 
     /// Handles one delivery. The delivery is taken apart before the future is built, so the
-    /// future (allocated for every delivery) holds an `Arc` of the envelope, not the whole
-    /// delivery and envelope by value.
+    /// future (allocated for every delivery) holds its parts, the envelope shared with the
+    /// handler's context.
     fn process(&self, delivery: Delivery) -> impl Future<Output = ()> + Send + '_ {
         let (env, attempt, malformed, acker) = delivery.into_parts();
-        // Shared with the handler's context rather than copied; back to one owner for the rare
-        // dead letter that needs it owned.
-        let env = Arc::new(env);
         self.run(env, attempt, malformed, acker)
     }
 
@@ -555,12 +554,11 @@ impl<H: Handle> Worker<H> {
         malformed: Option<String>,
         acker: Box<dyn Acker>,
     ) {
-        let owned = |env: Arc<Envelope>| Arc::try_unwrap(env).unwrap_or_else(|e| (*e).clone());
         if let Some(reason) = malformed {
             tracing::warn!(pattern = %self.pattern, %reason, "malformed message");
             match self.kind {
                 Kind::Request => {
-                    self.reply(&env, Err(Failure::Codec(reason))).await;
+                    self.reply(env, Err(Failure::Codec(reason))).await;
                     ack(acker).await;
                 }
                 // Rare paths are boxed so every delivery's future stays small.
@@ -588,13 +586,13 @@ impl<H: Handle> Worker<H> {
             (_, Ok(out)) => {
                 Counters::inc(&self.counters().handled);
                 if self.kind == Kind::Request {
-                    self.reply(&env, Ok(out)).await;
+                    self.reply(env, Ok(out)).await;
                 }
                 ack(acker).await;
             }
             (Kind::Request, Err(f)) => {
                 Counters::inc(&self.counters().failed);
-                self.reply(&env, Err(f)).await;
+                self.reply(env, Err(f)).await;
                 ack(acker).await;
             }
             (Kind::Event, Err(f @ Failure::Codec(_))) => {
@@ -619,30 +617,33 @@ impl<H: Handle> Worker<H> {
     /// Publishes the reply to `req`, if it has a reply address. Small enough to run inline in
     /// every request's future: the reply envelope is built outside it and goes straight into
     /// the transport's own (boxed) publish; the rare failure is handled in a boxed future.
-    async fn reply(
-        &self,
-        req: &Envelope,
-        out: std::result::Result<Option<(Bytes, &'static str)>, Failure>,
-    ) {
-        let Some(to) = req.reply_to.as_deref() else {
+    async fn reply(&self, req: Arc<Envelope>, out: Outcome) {
+        let Some(to) = req.reply_to.clone() else {
             return;
         };
-        if let Err(e) = self.publish_reply(req, to, out).await {
-            Box::pin(self.reply_failed(req, to, e)).await;
+        let (id, correlation) = (req.id, req.correlation_id);
+        if let Err(e) = self.publish_reply(req, &to, out).await {
+            Box::pin(self.reply_failed(id, correlation, &to, e)).await;
         }
     }
 
     fn publish_reply<'a>(
         &'a self,
-        req: &Envelope,
+        req: Arc<Envelope>,
         to: &'a str,
-        out: std::result::Result<Option<(Bytes, &'static str)>, Failure>,
+        out: Outcome,
     ) -> BoxFuture<'a, Result<()>> {
+        // By now the handler's context is gone (unless the handler kept a clone of it): the
+        // request's pattern and trace headers move into the reply rather than being copied.
+        let reply_with = |payload: Bytes| match Arc::try_unwrap(req) {
+            Ok(req) => req.into_reply(payload),
+            Err(shared) => Envelope::reply_to(&shared, payload),
+        };
         let reply = match out {
-            Ok(Some((payload, ct))) => Envelope::reply_to(req, payload).with_content_type(ct),
-            Ok(None) => Envelope::reply_to(req, Bytes::new()),
+            Ok(Some((payload, ct))) => reply_with(payload).with_content_type(ct),
+            Ok(None) => reply_with(Bytes::new()),
             Err(f) => {
-                let mut r = Envelope::reply_to(req, Bytes::new());
+                let mut r = reply_with(Bytes::new());
                 r.error = Some(f.reply_error());
                 r
             }
@@ -652,13 +653,24 @@ impl<H: Handle> Worker<H> {
 
     /// A reply the transport did not take: one too large is replaced by an error reply
     /// that says so (the caller learns at once rather than at its deadline); others are
-    /// logged.
-    async fn reply_failed(&self, req: &Envelope, to: &str, e: Error) {
+    /// logged. The request was moved into the failed reply, so this one is built from its
+    /// ids and this handler's pattern (without trace headers: a rare path).
+    async fn reply_failed(
+        &self,
+        id: crate::MessageId,
+        correlation: Option<crate::CorrelationId>,
+        to: &str,
+        e: Error,
+    ) {
         if e.kind() != ErrorKind::PayloadTooLarge {
             tracing::warn!(pattern = %self.pattern, error = %e, "could not send a reply");
             return;
         }
-        let mut r = Envelope::reply_to(req, Bytes::new());
+        let mut request = Envelope::new(self.pattern.clone(), Bytes::new());
+        request.id = id;
+        request.correlation_id = correlation;
+        request.reply_to = Some(to.to_owned());
+        let mut r = request.into_reply(Bytes::new());
         r.error = Some(ReplyError {
             code: ErrorKind::PayloadTooLarge.as_str().to_owned(),
             message: format!("the reply is too large: {}", e.message()),
@@ -748,7 +760,8 @@ mod future_size {
 
     /// Every delivery's future is boxed (and moved into the consumer's set if it waits); it must stay
     /// small (it was 1,464 bytes when it held the delivery and reply envelopes by value; 424
-    /// in a debug build with the reply inline and `Error` one pointer wide).
+    /// in a debug build with the reply inline and `Error` one pointer wide; 464 with the
+    /// reply's address and ids held across its publish, the request moved into the reply).
     #[tokio::test]
     async fn the_per_delivery_future_stays_small() {
         let t = crate::memory::MemoryTransport::connect(crate::memory::MemoryConfig::default());
@@ -768,6 +781,6 @@ mod future_size {
             Box::new(crate::transport::NoAck),
         );
         let size = std::mem::size_of_val(&w.process(d));
-        assert!(size <= 448, "the per-delivery future grew to {size} bytes");
+        assert!(size <= 464, "the per-delivery future grew to {size} bytes");
     }
 }

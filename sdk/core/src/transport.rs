@@ -163,10 +163,12 @@ pub trait Acker: Send + 'static {
 ///
 /// Dropping a delivery without calling [`Delivery::ack`] or [`Delivery::nack`] must never
 /// lose it: the transport delivers it again (at once, or after its visibility timeout).
+///
+/// The envelope is held behind an [`Arc`]: a delivery moves through a transport's stream
+/// layers and into the consumer as a few words rather than the whole envelope, and the
+/// consumer shares it with the handler's context without a copy.
 pub struct Delivery {
-    /// The message. For a malformed message, the payload as received and whatever metadata
-    /// could be read.
-    pub envelope: Envelope,
+    envelope: Arc<Envelope>,
     /// How many times this message has been delivered, this time included (1 = first).
     pub attempt: u32,
     /// Why the message could not be read as an envelope, if it could not (a poison message).
@@ -187,12 +189,7 @@ impl fmt::Debug for Delivery {
 impl Delivery {
     /// A delivery of `envelope`, acknowledged through `acker`.
     pub fn new(envelope: Envelope, attempt: u32, acker: Box<dyn Acker>) -> Self {
-        Delivery {
-            envelope,
-            attempt,
-            malformed: None,
-            acker,
-        }
+        Self::from_parts(envelope, attempt, None, acker)
     }
 
     /// A delivery of bytes that are not a valid envelope; `reason` says why.
@@ -202,18 +199,31 @@ impl Delivery {
         reason: impl Into<String>,
         acker: Box<dyn Acker>,
     ) -> Self {
+        Self::from_parts(envelope, attempt, Some(reason.into()), acker)
+    }
+
+    /// A delivery from its parts, as [`Delivery::into_parts`] gives them (the envelope owned,
+    /// or shared: a transport that keeps its messages for redelivery hands them on without a
+    /// copy); `malformed` is the reason the message could not be read, if it could not.
+    pub fn from_parts(
+        envelope: impl Into<Arc<Envelope>>,
+        attempt: u32,
+        malformed: Option<String>,
+        acker: Box<dyn Acker>,
+    ) -> Self {
         Delivery {
-            envelope,
+            envelope: envelope.into(),
             attempt,
-            malformed: Some(reason.into()),
+            malformed,
             acker,
         }
     }
 
     /// A delivery read from string headers and a payload, the way a broker adapter receives
-    /// it: an envelope if the headers parse ([`Envelope::from_headers`]), otherwise a
-    /// malformed delivery carrying the payload as received and the reason, so the consumer
-    /// dead-letters it.
+    /// it ([`Envelope::read`]): an envelope if the headers parse, otherwise a malformed
+    /// delivery carrying the payload as received and the reason, so the consumer dead-letters
+    /// it. An adapter that must adjust the envelope first (a reply address, an implied id)
+    /// calls [`Envelope::read`] and then [`Delivery::from_parts`].
     pub fn decode<'a>(
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
         payload: bytes::Bytes,
@@ -221,31 +231,24 @@ impl Delivery {
         attempt: u32,
         acker: Box<dyn Acker>,
     ) -> Self {
-        Self::decode_or_id(headers, payload, pattern, attempt, acker, None)
+        let (env, malformed) = Envelope::read(headers, payload, pattern, None);
+        Self::from_parts(env, attempt, malformed, acker)
     }
 
-    /// [`Delivery::decode`] for a message whose id the broker implies when it carries no
-    /// `ce-id` header ([`Envelope::from_headers_or_id`]); a malformed one keeps that id too.
-    pub fn decode_or_id<'a>(
-        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
-        payload: bytes::Bytes,
-        pattern: &str,
-        attempt: u32,
-        acker: Box<dyn Acker>,
-        implied: Option<crate::MessageId>,
-    ) -> Self {
-        let mut env = Envelope::unfilled(payload);
-        match env.fill_from_headers(headers, pattern, implied) {
-            Ok(()) => Delivery::new(env, attempt, acker),
-            Err(e) => {
-                // The payload as received, under a fresh envelope: nothing half-read stays.
-                let mut malformed = Envelope::new(pattern, env.payload);
-                if let Some(id) = implied {
-                    malformed.id = id;
-                }
-                Delivery::malformed(malformed, attempt, e.message().to_owned(), acker)
-            }
-        }
+    /// The message. For a malformed message, the payload as received and whatever metadata
+    /// could be read.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The message, to change before handing the delivery on (copied first if it is shared).
+    pub fn envelope_mut(&mut self) -> &mut Envelope {
+        Arc::make_mut(&mut self.envelope)
+    }
+
+    /// The message, owned (copied only if it is shared).
+    pub fn into_envelope(self) -> Envelope {
+        owned(self.envelope)
     }
 
     /// Acknowledges the delivery.
@@ -264,10 +267,15 @@ impl Delivery {
         self.acker.nack(delay).await
     }
 
-    /// Splits the delivery into its message and its acknowledger.
-    pub fn into_parts(self) -> (Envelope, u32, Option<String>, Box<dyn Acker>) {
+    /// Splits the delivery into its message, attempt, malformed reason and acknowledger.
+    pub fn into_parts(self) -> (Arc<Envelope>, u32, Option<String>, Box<dyn Acker>) {
         (self.envelope, self.attempt, self.malformed, self.acker)
     }
+}
+
+/// The envelope out of its `Arc`, copied only if it is shared.
+pub(crate) fn owned(env: Arc<Envelope>) -> Envelope {
+    Arc::try_unwrap(env).unwrap_or_else(|shared| (*shared).clone())
 }
 
 /// An acker for transports with nothing to acknowledge (replies, at-most-once paths).

@@ -58,11 +58,6 @@ struct Args {
     /// (`send`s, 64 in flight), `async_rr`, `events` (for profiling one path). Default: all.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
-    /// The raw client carries what switchboard puts on the wire for the same work (a `send`'s
-    /// deadline, as a subject token) and its responder checks it: separates the cost of
-    /// carrying metadata from the SDK's own. NATS only.
-    #[arg(long)]
-    raw_metadata: bool,
     /// Internal: run as the server process of `switchboard` or `raw`.
     #[arg(long, hide = true)]
     serve: Option<String>,
@@ -240,10 +235,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if args.raw_metadata && args.transport != "nats" {
-        eprintln!("--raw-metadata is implemented for the NATS raw client only; ignored");
-    }
-    workload::RAW_METADATA.store(args.raw_metadata, std::sync::atomic::Ordering::Relaxed);
     let mut counts = Counts::scaled(args.scale);
     if !args.workloads.is_empty() {
         counts = counts.only(&args.workloads).unwrap_or_else(|e| {

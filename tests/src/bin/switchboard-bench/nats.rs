@@ -3,7 +3,7 @@
 //! consumer that acks each message.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -13,8 +13,6 @@ use tokio::sync::Notify;
 use crate::workload::{self, Counter, Counts, Figure, check_reply, echo_bytes, encode};
 
 const ECHO: &str = "rawbench.echo";
-const TIMED_ECHO_PREFIX: &str = "rawbench.rqd.";
-const TIMED_ECHO_FILTER: &str = "rawbench.rqd.*.echo";
 const EVENTS: &str = "rawbench.evt";
 const STREAM: &str = "RAWBENCH";
 
@@ -54,30 +52,6 @@ pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, 
             }
         }
     });
-    // `--raw-metadata`: requests with their deadline in the subject, as switchboard sends
-    // them, read and checked here as its handlers do. A loop of its own, so the plain
-    // requests' loop stays as lean as a raw client's would be.
-    let mut timed = client
-        .queue_subscribe(TIMED_ECHO_FILTER, "raw".into())
-        .await
-        .expect("subscribe");
-    let c = client.clone();
-    tokio::spawn(async move {
-        while let Some(m) = timed.next().await {
-            let deadline = m
-                .subject
-                .strip_prefix(TIMED_ECHO_PREFIX)
-                .and_then(|rest| rest.split_once('.'))
-                .and_then(|(ms, _)| ms.parse::<u64>().ok())
-                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
-            if deadline.is_some_and(|d| d <= std::time::SystemTime::now()) {
-                continue;
-            }
-            if let Some(reply) = m.reply {
-                let _ = c.publish(reply, echo_bytes(&m.payload).into()).await;
-            }
-        }
-    });
     let js = jetstream::new(client);
     let stream = events_stream(&js).await;
     let consumer: jetstream::consumer::PullConsumer = stream
@@ -103,32 +77,11 @@ pub(crate) async fn serve(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, 
     });
 }
 
-/// With `--raw-metadata`: the subject a `send` goes to with the metadata switchboard puts on
-/// the wire for it (docs/wire.md): its deadline, as a subject token. Events carry none (their
-/// id is the stream's identity of them).
-fn request_subject(deadline: Duration) -> String {
-    if !workload::RAW_METADATA.load(Ordering::Relaxed) {
-        return ECHO.to_owned();
-    }
-    let ms = (std::time::SystemTime::now() + deadline)
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() * 1000 + u64::from(d.subsec_millis()));
-    // Built as switchboard builds it: one exact allocation, no formatting machinery.
-    let mut digits = itoa::Buffer::new();
-    let ms = digits.format(ms);
-    let mut subject = String::with_capacity(TIMED_ECHO_PREFIX.len() + ms.len() + ".echo".len());
-    subject.push_str(TIMED_ECHO_PREFIX);
-    subject.push_str(ms);
-    subject.push_str(".echo");
-    subject
-}
-
 pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Figure> {
     let client = async_nats::connect(addr(url)).await.expect("connect");
     let call = |client: async_nats::Client, i: u64| async move {
-        let subject = request_subject(Duration::from_secs(10));
         let r = client
-            .request(subject, encode(i).into())
+            .request(ECHO, encode(i).into())
             .await
             .expect("request");
         check_reply(&r.payload, i);

@@ -13,13 +13,6 @@ use tokio::sync::Notify;
 
 use crate::child::ChildServer;
 
-/// `--raw-metadata`: the raw client carries the metadata switchboard puts on the wire for the
-/// same work (on NATS: a `send`'s deadline, as a subject token), so the ratio shows what the
-/// SDK costs beyond carrying that metadata. Off by default: the raw client then sends bare
-/// payloads.
-pub(crate) static RAW_METADATA: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
 /// The payload of every workload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Person {
