@@ -799,7 +799,10 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
         .get(skip..)
         .and_then(|rest| rest.split_once('.'))
         .unwrap_or_default();
-    let env = reply_envelope(status, &headers, payload, pattern, id.parse().ok());
+    let mut env = reply_envelope(status, &headers, payload, pattern, id.parse().ok());
+    if env.pattern.is_empty() {
+        env.pattern = pattern.to_owned();
+    }
     if let Some(e) = env.error.as_ref().filter(|e| e.code == "codec") {
         tracing::debug!(reason = %e.message, "reply with malformed headers");
     }
@@ -810,7 +813,9 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
 /// into the caller's value or error: the server's no-responders notice (status 503, nothing
 /// else) becomes a `no_responder` reply error, a reply whose headers do not parse a `codec`
 /// one. Its id is its request's (a reply's id is never sent), `correlation` for the SDK's
-/// requests.
+/// requests. `pattern` names the request in errors; a reply that carries none (the usual
+/// case) is read without one, as on RabbitMQ: a `send`'s caller knows it, and nothing reads a
+/// reply's pattern (no allocation for it per call).
 fn reply_envelope(
     status: Option<StatusCode>,
     headers: &Option<async_nats::HeaderMap>,
@@ -834,7 +839,7 @@ fn reply_envelope(
         );
     }
     let implied_id = correlation.map(MessageId::from);
-    match read_message(headers, payload, pattern, implied_id) {
+    match read_message(headers, payload, "", implied_id) {
         (mut env, None) => {
             env.complete_reply(correlation);
             env

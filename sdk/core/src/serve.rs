@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, OptionFuture};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio_util::task::TaskTracker;
@@ -493,8 +493,11 @@ async fn consume<H: Handle>(
 ) {
     // The deliveries in hand run concurrently inside this one task: no task spawned and no
     // cross-task wake-up per message. A handler with CPU-heavy work can spawn its own.
-    // Each delivery's future is boxed once (it must not move after its first poll).
+    // Each delivery's future is polled in a box (it must not move after its first poll); a
+    // box whose future finished at that first poll is kept for the next delivery, so a
+    // handler that never waits costs no allocation per delivery for it.
     let mut running = FuturesUnordered::new();
+    let mut spare = None;
     let limit = worker.opts.concurrency;
     let mut taking = true;
     // The stop is checked as a flag each turn (no lock); its future, made once for the whole
@@ -507,14 +510,23 @@ async fn consume<H: Handle>(
         }
         tokio::select! {
             biased;
-            Some(()) = running.next(), if !running.is_empty() => {}
+            Some(_) = running.next(), if !running.is_empty() => {}
             d = sub.next(), if taking && running.len() < limit => match d {
                 Some(d) => {
                     // Polled once here first: a handler that finishes without waiting (and
                     // its reply, taken by the transport at once) never enters the set.
-                    let mut handling = Box::pin(worker.process(d));
-                    if futures::poll!(handling.as_mut()).is_pending() {
-                        running.push(handling);
+                    let handling = OptionFuture::from(Some(worker.process(d)));
+                    let mut slot = match spare.take() {
+                        Some(mut slot) => {
+                            Pin::set(&mut slot, handling);
+                            slot
+                        }
+                        None => Box::pin(handling),
+                    };
+                    if futures::poll!(slot.as_mut()).is_pending() {
+                        running.push(slot);
+                    } else {
+                        spare = Some(slot);
                     }
                 }
                 None => {
