@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
+use switchboard_core::transport::{Acker, Delivery};
 use switchboard_core::{CorrelationId, Envelope, Error, MessageId, Result, content_type, header};
 
 use crate::NAME;
@@ -159,11 +160,37 @@ pub(crate) fn read_message(
     pattern: &str,
     implied_id: Option<MessageId>,
 ) -> (Envelope, Option<String>) {
-    let pairs = headers.iter().flat_map(|h| {
+    Envelope::read(pairs(headers), payload, pattern, implied_id)
+}
+
+/// A NATS message read as a delivery ([`Delivery::read`]), `adjust` setting what the message
+/// carries besides its headers.
+pub(crate) fn delivery_from(
+    headers: &Option<HeaderMap>,
+    payload: Bytes,
+    pattern: &str,
+    implied_id: Option<MessageId>,
+    attempt: u32,
+    acker: Box<dyn Acker>,
+    adjust: impl FnOnce(&mut Envelope, &mut Option<String>),
+) -> Delivery {
+    Delivery::read(
+        pairs(headers),
+        payload,
+        pattern,
+        implied_id,
+        attempt,
+        acker,
+        adjust,
+    )
+}
+
+/// A header map's names and first values.
+fn pairs(headers: &Option<HeaderMap>) -> impl Iterator<Item = (&str, &str)> {
+    headers.iter().flat_map(|h| {
         h.iter()
             .filter_map(|(k, vs)| vs.first().map(|v| (k.as_ref(), v.as_str())))
-    });
-    Envelope::read(pairs, payload, pattern, implied_id)
+    })
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::NAME;
-use crate::codec::{Implied, envelope_headers, header_map, read_message};
+use crate::codec::{Implied, delivery_from, envelope_headers, header_map, read_message};
 use crate::config::{EventMode, NatsConfig};
 use crate::mux::{MuxReader, SEND_INBOX_PREFIX, SendMux, deadline_in_reply};
 
@@ -870,23 +870,32 @@ fn core_subscription(
     pattern: String,
 ) -> Subscription {
     let stream = inner.closed.guard(messages).map(move |m| {
-        let (mut env, mut malformed) = read_message(&m.headers, m.payload, &pattern, None);
-        // The NATS reply subject is where the answer must go, whatever a header says; a
-        // request without a correlation header is correlated by its own id.
-        if let Some(r) = m.reply {
-            // A `send`'s deadline travels in its reply subject (a header, if present, wins).
-            match deadline_in_reply(r.as_str()) {
-                Some(Ok(deadline)) => {
-                    env.deadline.get_or_insert(deadline);
+        let reply = m.reply;
+        delivery_from(
+            &m.headers,
+            m.payload,
+            &pattern,
+            None,
+            1,
+            Box::new(NoAck),
+            |env, malformed| {
+                // The NATS reply subject is where the answer must go, whatever a header says;
+                // a request without a correlation header is correlated by its own id.
+                let Some(r) = reply else { return };
+                // A `send`'s deadline travels in its reply subject (a header, if present,
+                // wins).
+                match deadline_in_reply(r.as_str()) {
+                    Some(Ok(deadline)) => {
+                        env.deadline.get_or_insert(deadline);
+                    }
+                    Some(Err(why)) if malformed.is_none() => *malformed = Some(why),
+                    _ => {}
                 }
-                Some(Err(why)) if malformed.is_none() => malformed = Some(why),
-                _ => {}
-            }
-            env.reply_to = Some(r.into_string());
-            env.correlation_id
-                .get_or_insert(CorrelationId::from(env.id));
-        }
-        Delivery::from_parts(env, 1, malformed, Box::new(NoAck))
+                env.reply_to = Some(r.into_string());
+                env.correlation_id
+                    .get_or_insert(CorrelationId::from(env.id));
+            },
+        )
     });
     Subscription::new(stream)
 }
@@ -1013,9 +1022,15 @@ impl JsSub {
                     .map(|r| (self.inner.client.clone(), r)),
                 _credit: credit,
             });
-            let (env, malformed) =
-                read_message(&message.headers, message.payload, &self.pattern, implied);
-            return Some(Delivery::from_parts(env, attempt, malformed, acker));
+            return Some(delivery_from(
+                &message.headers,
+                message.payload,
+                &self.pattern,
+                implied,
+                attempt,
+                acker,
+                |_, _| {},
+            ));
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use switchboard_core::transport::{Acker, Delivery};
 use switchboard_core::{Envelope, header};
 
 /// Headers the broker adds that are not part of the envelope.
@@ -100,13 +101,47 @@ fn put(table: &mut FieldTable, name: &str, value: impl Into<LongString>) {
 }
 
 /// AMQP properties, headers and body read as an envelope ([`Envelope::read`]): the envelope,
-/// and the reason it could not be read, if it could not. Header values that are not strings
-/// (numbers, booleans from foreign producers) are read as their text.
+/// and the reason it could not be read, if it could not.
 pub(crate) fn read_message(
     props: &BasicProperties,
     payload: Vec<u8>,
     pattern: &str,
 ) -> (Envelope, Option<String>) {
+    let pairs = pairs(props);
+    Envelope::read(
+        pairs.iter().map(|(k, v)| (*k, v.as_ref())),
+        payload.into(),
+        pattern,
+        None,
+    )
+}
+
+/// An AMQP message read as a delivery ([`Delivery::read`]), `adjust` setting what the
+/// message carries besides its headers.
+pub(crate) fn delivery_from(
+    props: &BasicProperties,
+    payload: Vec<u8>,
+    pattern: &str,
+    attempt: u32,
+    acker: Box<dyn Acker>,
+    adjust: impl FnOnce(&mut Envelope, &mut Option<String>),
+) -> Delivery {
+    let pairs = pairs(props);
+    Delivery::read(
+        pairs.iter().map(|(k, v)| (*k, v.as_ref())),
+        payload.into(),
+        pattern,
+        None,
+        attempt,
+        acker,
+        adjust,
+    )
+}
+
+/// The envelope's fields among the AMQP properties and headers, as name and text. Header
+/// values that are not strings (numbers, booleans from foreign producers) are read as their
+/// text.
+fn pairs(props: &BasicProperties) -> Vec<(&str, std::borrow::Cow<'_, str>)> {
     let mut pairs: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(12);
     for (k, v) in [
         (header::ID, props.message_id()),
@@ -129,12 +164,7 @@ pub(crate) fn read_message(
             }
         }
     }
-    Envelope::read(
-        pairs.iter().map(|(k, v)| (*k, v.as_ref())),
-        payload.into(),
-        pattern,
-        None,
-    )
+    pairs
 }
 
 fn value_text(v: &AMQPValue) -> Option<std::borrow::Cow<'_, str>> {

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::NAME;
-use crate::codec::{Kind, delivery_count, properties, read_message};
+use crate::codec::{Kind, delivery_count, delivery_from, properties, read_message};
 use crate::config::{QueueType, RabbitConfig};
 
 /// RabbitMQ's pseudo-queue for direct reply-to.
@@ -719,26 +719,40 @@ fn to_delivery(source: &Source, d: lapin::message::Delivery) -> Delivery {
         ..
     } = d;
     if source.no_ack() {
-        let (mut env, malformed) = read_message(&properties, data, source.pattern());
-        if matches!(source, Source::Inbox { .. }) {
-            env.complete_reply(None);
-        }
-        if let Some(r) = properties.reply_to() {
-            // The AMQP reply-to is where the answer must go, whatever a header says (read
-            // from the property already unless a header overrode it).
-            if env.reply_to.as_deref() != Some(r.as_str()) {
-                env.reply_to = Some(r.as_str().to_owned());
-            }
-        }
-        return Delivery::from_parts(env, 1, malformed, Box::new(NoAck));
+        let inbox = matches!(source, Source::Inbox { .. });
+        return delivery_from(
+            &properties,
+            data,
+            source.pattern(),
+            1,
+            Box::new(NoAck),
+            |env, _| {
+                if inbox {
+                    env.complete_reply(None);
+                }
+                if let Some(r) = properties.reply_to() {
+                    // The AMQP reply-to is where the answer must go, whatever a header says
+                    // (read from the property already unless a header overrode it).
+                    if env.reply_to.as_deref() != Some(r.as_str()) {
+                        env.reply_to = Some(r.as_str().to_owned());
+                    }
+                }
+            },
+        );
     }
     let attempt = match delivery_count(&properties) {
         Some(n) => n.saturating_add(1),
         None => 1 + u32::from(redelivered),
     };
     let acker = Box::new(RabbitAcker { acker: Some(acker) });
-    let (env, malformed) = read_message(&properties, data, source.pattern());
-    Delivery::from_parts(env, attempt, malformed, acker)
+    delivery_from(
+        &properties,
+        data,
+        source.pattern(),
+        attempt,
+        acker,
+        |_, _| {},
+    )
 }
 
 /// Acknowledges one AMQP delivery. A rejected delivery goes back to its queue after the

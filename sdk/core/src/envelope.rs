@@ -469,16 +469,28 @@ impl Envelope {
         implied: Option<MessageId>,
     ) -> (Envelope, Option<String>) {
         let mut env = Envelope::unfilled(payload);
-        match env.fill_from_headers(headers, fallback_pattern, implied) {
-            Ok(()) => (env, None),
-            Err(e) => {
-                let mut malformed = Envelope::new(fallback_pattern, env.payload);
-                if let Some(id) = implied {
-                    malformed.id = id;
-                }
-                (malformed, Some(e.message().to_owned()))
-            }
+        let malformed = env.read_headers(headers, fallback_pattern, implied);
+        (env, malformed)
+    }
+
+    /// [`Envelope::read`] in place, into an envelope that holds only its payload
+    /// ([`Envelope::unfilled`]): the reason the headers could not be read, if they could not
+    /// (the envelope is then a fresh one holding the payload).
+    pub(crate) fn read_headers<'a>(
+        &mut self,
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        fallback_pattern: &str,
+        implied: Option<MessageId>,
+    ) -> Option<String> {
+        let e = self
+            .fill_from_headers(headers, fallback_pattern, implied)
+            .err()?;
+        let payload = std::mem::take(&mut self.payload);
+        *self = Envelope::new(fallback_pattern, payload);
+        if let Some(id) = implied {
+            self.id = id;
         }
+        Some(e.message().to_owned())
     }
 
     /// An envelope holding only `payload`, for [`Envelope::fill_from_headers`] (no id drawn).

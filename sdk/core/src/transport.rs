@@ -222,8 +222,7 @@ impl Delivery {
     /// A delivery read from string headers and a payload, the way a broker adapter receives
     /// it ([`Envelope::read`]): an envelope if the headers parse, otherwise a malformed
     /// delivery carrying the payload as received and the reason, so the consumer dead-letters
-    /// it. An adapter that must adjust the envelope first (a reply address, an implied id)
-    /// calls [`Envelope::read`] and then [`Delivery::from_parts`].
+    /// it.
     pub fn decode<'a>(
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
         payload: bytes::Bytes,
@@ -231,8 +230,29 @@ impl Delivery {
         attempt: u32,
         acker: Box<dyn Acker>,
     ) -> Self {
-        let (env, malformed) = Envelope::read(headers, payload, pattern, None);
-        Self::from_parts(env, attempt, malformed, acker)
+        Self::read(headers, payload, pattern, None, attempt, acker, |_, _| {})
+    }
+
+    /// [`Delivery::decode`] for an adapter that knows more than the headers say: `implied` is
+    /// the message's id when it carries none ([`Envelope::from_headers_or_id`]), and `adjust`
+    /// sets what the broker's own metadata carries (a reply address, a deadline), or marks the
+    /// message malformed. The envelope is read in place, inside the allocation the delivery
+    /// shares with the handler: it is not copied once read.
+    pub fn read<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+        payload: bytes::Bytes,
+        pattern: &str,
+        implied: Option<crate::MessageId>,
+        attempt: u32,
+        acker: Box<dyn Acker>,
+        adjust: impl FnOnce(&mut Envelope, &mut Option<String>),
+    ) -> Self {
+        let mut shared = Arc::new(Envelope::unfilled(payload));
+        // Not shared yet: no copy is made.
+        let env = Arc::make_mut(&mut shared);
+        let mut malformed = env.read_headers(headers, pattern, implied);
+        adjust(env, &mut malformed);
+        Self::from_parts(shared, attempt, malformed, acker)
     }
 
     /// The message. For a malformed message, the payload as received and whatever metadata
