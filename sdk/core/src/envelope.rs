@@ -332,22 +332,17 @@ impl Envelope {
 
     /// [`Envelope::reply_to`] for a request that is no longer needed: its pattern, reply
     /// address and trace headers move into the reply instead of being copied.
-    pub fn into_reply(self, payload: impl Into<Bytes>) -> Self {
-        let Envelope {
-            id,
-            pattern,
-            correlation_id,
-            reply_to,
-            mut headers,
-            ..
-        } = self;
-        headers.retain(|name, _| name == header::TRACEPARENT || name == header::TRACESTATE);
-        let mut reply = Envelope::with_id(id, pattern, payload.into());
-        reply.correlation_id = correlation_id;
-        reply.causation_id = Some(id);
-        reply.reply_to = reply_to;
-        reply.headers = headers;
-        reply
+    pub fn into_reply(mut self, payload: impl Into<Bytes>) -> Self {
+        // Changed in place: the request's allocation-holding fields stay where they are.
+        self.causation_id = Some(self.id);
+        self.deadline = None;
+        self.key = None;
+        self.error = None;
+        self.content_type = None;
+        self.headers
+            .retain(|name, _| name == header::TRACEPARENT || name == header::TRACESTATE);
+        self.payload = payload.into();
+        self
     }
 
     /// Whether a reply may leave out its causation id: it equals the correlation id (the
