@@ -17,7 +17,7 @@ use url::Url;
 
 use crate::codec::{Decode, Encode};
 use crate::correlator::{Correlator, Sink, WaiterGuard, await_reply};
-use crate::envelope::{CorrelationId, Envelope, header};
+use crate::envelope::{CorrelationId, Envelope, IdHash, header};
 use crate::error::{Error, ErrorKind, Result};
 use crate::serve::ServiceControl;
 use crate::stats::{Counters, Stats};
@@ -609,7 +609,7 @@ impl Client {
             tx,
             rx,
             timers: DelayQueue::new(),
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             _resp: PhantomData,
         })
     }
@@ -743,7 +743,7 @@ pub struct ReplyStream<Resp> {
     rx: mpsc::UnboundedReceiver<(CorrelationId, Result<Envelope>)>,
     timers: DelayQueue<CorrelationId>,
     /// Outstanding requests; `None` once the timer fired but the reply was already on its way.
-    keys: HashMap<CorrelationId, Option<delay_queue::Key>>,
+    keys: HashMap<CorrelationId, Option<delay_queue::Key>, IdHash>,
     _resp: PhantomData<fn() -> Resp>,
 }
 

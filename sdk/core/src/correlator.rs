@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::envelope::{CorrelationId, Envelope};
+use crate::envelope::{CorrelationId, Envelope, IdHash};
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Counters;
 use crate::transport::{Route, Transport};
@@ -52,7 +52,7 @@ struct Waiter {
 pub(crate) struct Correlator {
     address: String,
     adapter: &'static str,
-    pending: Arc<DashMap<CorrelationId, Waiter>>,
+    pending: Arc<DashMap<CorrelationId, Waiter, IdHash>>,
     pump: JoinHandle<()>,
 }
 
@@ -83,7 +83,7 @@ impl Correlator {
         counters: Arc<Counters>,
     ) -> Result<Arc<Self>> {
         let inbox = transport.open_inbox(client_id).await?;
-        let pending: Arc<DashMap<CorrelationId, Waiter>> = Arc::new(DashMap::new());
+        let pending: Arc<DashMap<CorrelationId, Waiter, IdHash>> = Arc::new(DashMap::default());
         let map = pending.clone();
         let mut sub = inbox.subscription;
         let mut lost = inbox.connection_lost;

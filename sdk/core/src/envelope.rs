@@ -141,6 +141,43 @@ fn new_v7() -> Uuid {
     uuid::Builder::from_unix_timestamp_millis(s.last_ms, &rest).into_uuid()
 }
 
+/// Hashes the SDK's ids (UUIDv7: a millisecond, a sequence, a random node) by folding their
+/// 16 bytes and one multiplication, for maps keyed by ids the SDK made itself (waiting
+/// requests). A general-purpose keyed hasher costs more per lookup than the rest of a map
+/// operation; flooding is not a concern here: entries are inserted only for ids this process
+/// drew, a foreign id only looks one up.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // A multiplication carries bits only upwards; the final shifts bring the high bits
+        // (which depend on every input bit) down to the low ones tables index by.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        h ^ (h >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h.rotate_left(29) ^ u64::from_le_bytes(word)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+        self.0 = h;
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // The length a byte slice's hash starts with: the same for every id.
+        self.0 ^= n as u64;
+    }
+}
+
+/// A `BuildHasher` of [`IdHasher`], for `HashMap`s and `DashMap`s keyed by ids.
+pub(crate) type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -685,6 +722,27 @@ mod tests {
         assert!(!reply.headers.contains_key("x-tenant"));
         // Built from the request by value, the reply is the same.
         assert_eq!(req.clone().into_reply(Bytes::new()), reply);
+    }
+
+    #[test]
+    fn ids_hash_apart() {
+        use std::hash::BuildHasher;
+        // Consecutive ids of one thread differ only in their sequence bits; their hashes must
+        // still spread over a table's low (index) bits and high (shard) bits.
+        let ids: Vec<MessageId> = (0..4096).map(|_| MessageId::new()).collect();
+        let hashes: Vec<u64> = ids
+            .iter()
+            .map(|id| IdHash::default().hash_one(id))
+            .collect();
+        for (bits, shift) in [(0x3FF_u64, 0), (0x3FF_u64, 54)] {
+            let buckets: std::collections::HashSet<u64> =
+                hashes.iter().map(|h| (h >> shift) & bits).collect();
+            assert!(
+                buckets.len() > 900,
+                "{} of 1024 buckets used",
+                buckets.len()
+            );
+        }
     }
 
     #[test]
