@@ -24,6 +24,7 @@
 
 mod codec;
 mod config;
+mod inbox;
 mod mux;
 mod transport;
 

@@ -230,47 +230,43 @@ fn reply_subject(prefix: &str, seq: u64, deadline: Option<SystemTime>) -> String
 /// The deadline a `send`'s reply subject carries (`_SB_SEND.<connection>.<seq>.<deadline>`):
 /// `None` for any other reply subject (a plain NATS client's inbox, a `request`'s), or one
 /// without a deadline; `Some(Err)` naming the token when it is not a number of milliseconds.
-pub(crate) fn deadline_in_reply(reply: &str) -> Option<std::result::Result<SystemTime, String>> {
+pub(crate) fn deadline_in_reply(reply: &str) -> crate::inbox::Deadline {
     let rest = reply.strip_prefix(SEND_INBOX_PREFIX)?.as_bytes();
-    // One pass from the end reads the deadline's digits up to the last dot (a general
-    // `split` cost more than the whole request's envelope); up to 19 digits fit a u64.
-    let (mut ms, mut scale, mut len, mut digits_only) = (0u64, 1u64, 0usize, true);
-    for &b in rest.iter().rev() {
-        if b == b'.' {
-            break;
-        }
-        digits_only &= b.is_ascii_digit() && len < 19;
-        if digits_only {
-            ms += u64::from(b - b'0') * scale;
-            scale = scale.wrapping_mul(10);
-        }
-        len += 1;
-    }
-    let last = rest.len().checked_sub(len + 1)?;
-    // `<connection>.<seq>` comes before it: a subject with one dot carries no deadline.
+    // Scanned from the end (a general `split` cost more than the whole request's envelope):
+    // the last dot starts the deadline, and `<connection>.<seq>` comes before it (a subject
+    // with one dot carries no deadline).
+    let last = rest.iter().rposition(|&b| b == b'.')?;
     rest[..last].iter().rposition(|&b| b == b'.')?;
-    if !digits_only || len == 0 {
-        let token = &reply[reply.len() - len..];
-        return Some(Err(format!(
-            "deadline `{token}` in reply subject `{reply}` is not a number of milliseconds"
-        )));
+    let token = &reply[reply.len() - (rest.len() - last - 1)..];
+    Some(deadline_token(token, reply))
+}
+
+/// A deadline token of reply subject `reply`: Unix milliseconds, or an error naming it.
+pub(crate) fn deadline_token(token: &str, reply: &str) -> std::result::Result<SystemTime, String> {
+    millis(token)
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        .ok_or_else(|| {
+            format!("deadline `{token}` in reply subject `{reply}` is not a number of milliseconds")
+        })
+}
+
+/// A decimal number of up to 19 digits (all fit a u64), nothing else.
+fn millis(token: &str) -> Option<u64> {
+    if token.is_empty() || token.len() > 19 || !token.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    Some(Ok(UNIX_EPOCH + Duration::from_millis(ms)))
+    Some(
+        token
+            .bytes()
+            .fold(0u64, |n, b| n * 10 + u64::from(b - b'0')),
+    )
 }
 
 /// The number at the start of `s`, up to its first dot (a reply's sequence); `None` if that
 /// is not a number that fits a u64.
 fn leading_number(s: &str) -> Option<u64> {
     let end = s.bytes().position(|b| b == b'.').unwrap_or(s.len());
-    let digits = &s[..end];
-    if digits.is_empty() || digits.len() > 19 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(
-        digits
-            .bytes()
-            .fold(0u64, |n, b| n * 10 + u64::from(b - b'0')),
-    )
+    millis(&s[..end])
 }
 
 #[cfg(test)]

@@ -24,10 +24,10 @@ use tokio::time::Instant;
 use crate::NAME;
 use crate::codec::{Implied, delivery_from, envelope_headers, header_map, read_message};
 use crate::config::{EventMode, NatsConfig};
+use crate::inbox::{INBOX_PREFIX, read_reply_subject, reply_parts, reply_subject};
 use crate::mux::{MuxReader, SEND_INBOX_PREFIX, SendMux, deadline_in_reply};
 
 /// First part of every client inbox subject.
-const INBOX_PREFIX: &str = "_SB_INBOX.";
 /// Queue group every request handler of a pattern joins, so they compete.
 const REQUEST_GROUP: &str = "sb-handlers";
 /// Bound on one JetStream pull; also the delay a draining member puts on the messages it
@@ -540,30 +540,33 @@ impl Publisher for NatsTransport {
     }
 }
 
-/// What the NATS message of a `request` carries itself: the pattern (its subject) and the
-/// reply address (its reply subject). The deadline is a header (the reply subject ends in the
-/// pattern, so it has no room for it). The correlation id is a header, for the handler's
-/// context, unless it is the request's own id (the SDK's default), which the handler takes
-/// from `ce-id`.
+/// What the NATS message of a `request` carries itself: the pattern (its subject), the reply
+/// address (its reply subject), and, in that reply subject (`inbox`), its correlation id and
+/// deadline. Its id is a header only when it differs from its correlation id (a correlation
+/// carried from a parent message); the SDK's default request thus travels without headers.
 const REQUEST_CARRIES: Implied = Implied {
     id: false,
+    pattern: true,
+    reply_to: true,
+    correlation_id: true,
+    correlation_is_id: false,
+    causation_is_correlation: false,
+    deadline: true,
+};
+
+/// What the NATS message of a `send` carries itself: the pattern (its subject), the reply
+/// address and the deadline (its reply subject, see `mux`). The caller never sees a `send`'s
+/// id or (default) correlation id, and the reply is matched by its reply subject, so the
+/// handler takes a fresh id, which is also its correlation id (as if the caller had drawn
+/// it). A correlation id carried from a parent message still travels, as a header.
+const SEND_CARRIES: Implied = Implied {
+    id: true,
     pattern: true,
     reply_to: true,
     correlation_id: false,
     correlation_is_id: true,
     causation_is_correlation: false,
-    deadline: false,
-};
-
-/// What a `send` request leaves out besides [`REQUEST_CARRIES`]: its id and its deadline
-/// (the last token of its reply subject, see `mux`). The caller never sees a `send`'s id or
-/// (default) correlation id, and the reply is matched by its inbox subject, so the handler
-/// takes a fresh id, which is also its correlation id (as if the caller had drawn it). A
-/// correlation id carried from a parent message still travels.
-const SEND_CARRIES: Implied = Implied {
-    id: true,
     deadline: true,
-    ..REQUEST_CARRIES
 };
 
 /// The prefix NATS clients give their request inboxes by default (async-nats's `send` uses
@@ -640,14 +643,26 @@ impl Inner {
                 "a request needs a reply address",
             ));
         };
-        // The reply subject is the caller's inbox followed by the correlation id and the
-        // pattern: replies arrive on one wildcard subscription, and the server's no-responders
-        // notice (which carries nothing else) names the request and the pattern it is about.
-        let reply = match msg.correlation_id {
-            Some(id) => format!("{reply_to}.{id}.{pattern}"),
-            None => reply_to.to_owned(),
+        // The reply subject is the caller's inbox followed by the correlation id, the
+        // deadline and the pattern (see `inbox`).
+        let (reply, carries) = match msg.correlation_id {
+            Some(correlation) => (
+                reply_subject(reply_to, correlation, msg.deadline, pattern),
+                Implied {
+                    id: correlation.as_uuid() == msg.id.as_uuid(),
+                    ..REQUEST_CARRIES
+                },
+            ),
+            None => (
+                reply_to.to_owned(),
+                Implied {
+                    correlation_id: false,
+                    deadline: false,
+                    ..REQUEST_CARRIES
+                },
+            ),
         };
-        let headers = envelope_headers(&msg, REQUEST_CARRIES)?;
+        let headers = envelope_headers(&msg, carries)?;
         Ok(self
             .client
             .publish_with_reply_and_headers(
@@ -766,7 +781,18 @@ impl Subscriber for NatsTransport {
         if self.inner.closed.is_closed() {
             return Err(Error::closed(NAME));
         }
-        let address = format!("{INBOX_PREFIX}{}", name.replace(['.', '*', '>', ' '], "_"));
+        // One subject token: anything but letters, digits, `-` and `_` becomes `_`.
+        let token: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let address = format!("{INBOX_PREFIX}{token}");
         let sub = self
             .inner
             .client
@@ -784,7 +810,7 @@ impl Subscriber for NatsTransport {
     }
 }
 
-/// A message on a client's inbox (subject `<inbox>.<correlation id>.<pattern>`, the inbox
+/// A message on a client's inbox (subject `<inbox>.<correlation id>.<deadline>.<pattern>`, the inbox
 /// part `skip` bytes long with its dot): a reply, or the server's notice that a request found
 /// no responder, turned into a reply carrying the `no_responder` error.
 fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
@@ -795,10 +821,7 @@ fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
         payload,
         ..
     } = m;
-    let (id, pattern) = subject
-        .get(skip..)
-        .and_then(|rest| rest.split_once('.'))
-        .unwrap_or_default();
+    let (id, pattern) = reply_parts(subject.get(skip..).unwrap_or_default());
     let mut env = reply_envelope(status, &headers, payload, pattern, id.parse().ok());
     if env.pattern.is_empty() {
         env.pattern = pattern.to_owned();
@@ -871,20 +894,25 @@ fn core_subscription(
 ) -> Subscription {
     let stream = inner.closed.guard(messages).map(move |m| {
         let reply = m.reply;
+        // A `request`'s id and deadline travel in its reply subject, a `send`'s deadline in
+        // its own (a header, if present, wins).
+        let (correlation, deadline) = match reply.as_deref() {
+            Some(r) if r.starts_with(INBOX_PREFIX) => read_reply_subject(r).unwrap_or_default(),
+            Some(r) => (None, deadline_in_reply(r)),
+            None => (None, None),
+        };
         delivery_from(
             &m.headers,
             m.payload,
             &pattern,
-            None,
+            correlation.map(MessageId::from),
             1,
             Box::new(NoAck),
             |env, malformed| {
                 // The NATS reply subject is where the answer must go, whatever a header says;
                 // a request without a correlation header is correlated by its own id.
                 let Some(r) = reply else { return };
-                // A `send`'s deadline travels in its reply subject (a header, if present,
-                // wins).
-                match deadline_in_reply(r.as_str()) {
+                match deadline {
                     Some(Ok(deadline)) => {
                         env.deadline.get_or_insert(deadline);
                     }
@@ -892,8 +920,8 @@ fn core_subscription(
                     _ => {}
                 }
                 env.reply_to = Some(r.into_string());
-                env.correlation_id
-                    .get_or_insert(CorrelationId::from(env.id));
+                let implied = correlation.unwrap_or(CorrelationId::from(env.id));
+                env.correlation_id.get_or_insert(implied);
             },
         )
     });
