@@ -518,7 +518,7 @@ async fn consume<H: Handle>(
                     let handling = OptionFuture::from(Some(worker.process(d)));
                     let mut slot = match spare.take() {
                         Some(mut slot) => {
-                            Pin::set(&mut slot, handling);
+                            std::pin::Pin::set(&mut slot, handling);
                             slot
                         }
                         None => Box::pin(handling),
