@@ -811,8 +811,8 @@ impl Subscriber for NatsTransport {
 }
 
 /// A message on a client's inbox (subject `<inbox>.<correlation id>.<deadline>.<pattern>`,
-/// the inbox part `skip` bytes long with its dot): a reply, or the server's notice that a request found
-/// no responder, turned into a reply carrying the `no_responder` error.
+/// the inbox part `skip` bytes long with its dot): a reply, or the server's notice that a
+/// request found no responder, turned into a reply carrying the `no_responder` error.
 fn reply_envelope_from_inbox(m: async_nats::Message, skip: usize) -> Envelope {
     let async_nats::Message {
         subject,
