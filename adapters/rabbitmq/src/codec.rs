@@ -7,7 +7,7 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use switchboard_core::transport::{Acker, Delivery};
-use switchboard_core::{Envelope, header};
+use switchboard_core::{CorrelationId, Envelope, MessageId, header};
 
 /// Headers the broker adds that are not part of the envelope.
 const BROKER_HEADERS: &[&str] = &["x-delivery-count", "x-death", "x-first-death-exchange"];
@@ -41,11 +41,18 @@ pub(crate) fn properties(env: &Envelope, persistent: bool, kind: Kind) -> BasicP
             None
         }
     };
+    // A request goes to its pattern's own queue, so its pattern is where it arrives; its id,
+    // when it is its correlation id (the SDK's default), is read from `correlation_id`.
+    let request = !reply && env.reply_to.is_some();
+    let id_implied = request
+        && env
+            .correlation_id
+            .is_some_and(|c| c.as_uuid() == env.id.as_uuid());
     if !reply {
-        if let Some(s) = short(&mut table, header::ID, env.id.encode(&mut buf)) {
+        if !id_implied && let Some(s) = short(&mut table, header::ID, env.id.encode(&mut buf)) {
             props = props.with_message_id(s);
         }
-        if let Some(s) = short(&mut table, header::PATTERN, &env.pattern) {
+        if !request && let Some(s) = short(&mut table, header::PATTERN, &env.pattern) {
             props = props.with_type(s);
         }
         if let Some(s) = env
@@ -56,9 +63,11 @@ pub(crate) fn properties(env: &Envelope, persistent: bool, kind: Kind) -> BasicP
             props = props.with_reply_to(s);
         }
     }
+    // JSON, the default, is not named (no `content_type` means JSON).
     if let Some(s) = env
         .content_type
         .as_deref()
+        .filter(|ct| *ct != switchboard_core::content_type::JSON)
         .and_then(|ct| short(&mut table, header::CONTENT_TYPE, ct))
     {
         props = props.with_content_type(s);
@@ -112,8 +121,21 @@ pub(crate) fn read_message(
         pairs.iter().map(|(k, v)| (*k, v.as_ref())),
         payload.into(),
         pattern,
-        None,
+        implied_id(props),
     )
+}
+
+/// A request's id when it carries no `message_id`: its correlation id.
+fn implied_id(props: &BasicProperties) -> Option<MessageId> {
+    if props.message_id().is_some() {
+        return None;
+    }
+    let correlation = props.correlation_id().as_ref()?;
+    correlation
+        .as_str()
+        .parse::<CorrelationId>()
+        .ok()
+        .map(MessageId::from)
 }
 
 /// An AMQP message read as a delivery ([`Delivery::read`]), `adjust` setting what the
@@ -131,7 +153,7 @@ pub(crate) fn delivery_from(
         pairs.iter().map(|(k, v)| (*k, v.as_ref())),
         payload.into(),
         pattern,
-        None,
+        implied_id(props),
         attempt,
         acker,
         adjust,
@@ -194,15 +216,13 @@ pub(crate) fn delivery_count(props: &BasicProperties) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchboard_core::CorrelationId;
 
     #[test]
     fn envelope_round_trips_through_amqp_properties() {
         let mut env = Envelope::new("orders.created", &b"{}"[..])
-            .with_content_type("application/json")
+            .with_content_type("application/cloudevents+json")
             .with_header("x-tenant", "acme");
         env.correlation_id = Some(CorrelationId::new());
-        env.reply_to = Some("sb.reply.c1".into());
         env.key = Some("k".into());
         let props = properties(&env, true, Kind::Message);
         assert_eq!(props.delivery_mode(), &Some(2));
@@ -215,13 +235,40 @@ mod tests {
         assert_eq!(back.id, env.id);
         assert_eq!(back.pattern, "orders.created");
         assert_eq!(back.correlation_id, env.correlation_id);
-        assert_eq!(back.reply_to, env.reply_to);
         assert_eq!(back.key, env.key);
         assert_eq!(back.content_type, env.content_type);
         assert_eq!(
             back.headers.get("x-tenant").map(String::as_str),
             Some("acme")
         );
+    }
+
+    #[test]
+    fn requests_leave_out_what_their_queue_and_correlation_id_say() {
+        // A request correlated by its own id, in JSON: no `message_id`, `type` nor
+        // `content_type`; the reader takes the id from `correlation_id` and the pattern from
+        // the queue it read from.
+        let mut req = Envelope::new("users.get", &b"{}"[..]).with_content_type("application/json");
+        req.correlation_id = Some(CorrelationId::from(req.id));
+        req.reply_to = Some("amq.rabbitmq.reply-to".into());
+        let props = properties(&req, false, Kind::Message);
+        assert!(props.message_id().is_none());
+        assert!(props.kind().is_none());
+        assert!(props.content_type().is_none());
+        let (back, malformed) = read_message(&props, b"{}".to_vec(), "users.get");
+        assert!(malformed.is_none());
+        assert_eq!(back.id, req.id);
+        assert_eq!(back.correlation_id, req.correlation_id);
+        assert_eq!(back.pattern, "users.get");
+        assert_eq!(back.reply_to, req.reply_to);
+        assert_eq!(back.content_type, None, "no content type reads as JSON");
+        // A correlation id carried from another message: the id travels too.
+        let mut caused = req.clone();
+        caused.correlation_id = Some(CorrelationId::new());
+        let props = properties(&caused, false, Kind::Message);
+        let (back, _) = read_message(&props, b"{}".to_vec(), "users.get");
+        assert_eq!(back.id, caused.id);
+        assert_eq!(back.correlation_id, caused.correlation_id);
     }
 
     #[test]

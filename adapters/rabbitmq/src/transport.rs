@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -230,6 +231,12 @@ impl Inner {
         if let Some(s) = self.current() {
             return Ok(s);
         }
+        // Boxed: connecting is a large future, and every publish and call awaits this one.
+        Box::pin(self.reconnect()).await
+    }
+
+    /// Opens a session unless another caller just did.
+    async fn reconnect(self: &Arc<Self>) -> Result<Arc<Session>> {
         let _one = self.connecting.lock().await;
         if let Some(s) = self.current() {
             return Ok(s);
@@ -810,12 +817,23 @@ impl Drop for RabbitAcker {
     }
 }
 
-#[async_trait]
+/// Written without `async_trait`'s one boxed future for the whole body, which is as large as
+/// the largest route's and was allocated (past the allocator's per-thread cache) and moved for
+/// every reply too. Each route boxes only its own future.
 impl Publisher for RabbitTransport {
-    async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
+    fn publish<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        route: Route<'life1>,
+        msg: Envelope,
+    ) -> BoxFuture<'async_trait, Result<()>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
         let inner = &self.inner;
         if msg.payload.len() > inner.cfg.max_payload {
-            return Err(Error::new(
+            return Box::pin(std::future::ready(Err(Error::new(
                 ErrorKind::PayloadTooLarge,
                 NAME,
                 format!(
@@ -823,85 +841,84 @@ impl Publisher for RabbitTransport {
                     msg.payload.len(),
                     inner.cfg.max_payload
                 ),
-            ));
+            ))));
         }
-        let s = inner.session().await?;
         match route {
             Route::Event(pattern) => {
-                let props = properties(&msg, true, Kind::Message);
-                confirmed(
-                    &s.confirm,
-                    &inner.cfg.exchange,
-                    pattern,
-                    false,
-                    &msg.payload,
-                    props,
-                )
-                .await
+                Box::pin(inner.publish_confirmed(&inner.cfg.exchange, pattern, msg))
             }
             Route::DeadLetter(pattern) => {
-                let props = properties(&msg, true, Kind::Message);
-                confirmed(
-                    &s.confirm,
-                    &inner.cfg.dead_letter_exchange,
-                    pattern,
-                    false,
-                    &msg.payload,
-                    props,
-                )
-                .await
+                Box::pin(inner.publish_confirmed(&inner.cfg.dead_letter_exchange, pattern, msg))
             }
-            Route::Request(pattern) => {
-                // Mandatory: a request no queue takes comes back from the broker. `request`
-                // returns at once, so the confirm is awaited aside and a returned request
-                // becomes a `no_responder` reply in the caller's inbox.
-                let props = with_expiration(properties(&msg, false, Kind::Message), &msg);
-                let confirm = inner
-                    .publish_request(&s.confirm, pattern, &msg.payload, props)
-                    .await?;
-                let inbox = msg.reply_to.as_deref().and_then(|r| inner.inbox_sender(r));
-                let (id, pattern) = (msg.correlation_id, pattern.to_owned());
-                tokio::spawn(async move {
-                    let error = match confirm.await {
-                        Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => return,
-                        Ok(Confirmation::Ack(Some(_))) => ReplyError {
-                            code: "no_responder".into(),
-                            message: format!("no handler is serving `{pattern}`"),
-                        },
-                        Ok(Confirmation::Nack(_)) => ReplyError {
-                            code: "rejected".into(),
-                            message: format!(
-                                "the broker refused the request to `{pattern}` (nack)"
-                            ),
-                        },
-                        // A lost connection fails waiting requests through the inbox.
-                        Err(_) => return,
-                    };
-                    if let Some(tx) = inbox {
-                        let mut reply = Envelope::new(pattern, Bytes::new());
-                        reply.correlation_id = id;
-                        reply.error = Some(error);
-                        let _ = tx.send(Delivery::new(reply, 1, Box::new(NoAck))).await;
-                    }
-                });
-                Ok(())
-            }
-            Route::Reply(address) => {
-                let props = properties(&msg, false, Kind::Reply);
-                let mut msg = msg;
-                s.fast
-                    .basic_publish(
-                        "".into(),
-                        short(msg.take_reply_address(address))?,
-                        BasicPublishOptions::default(),
-                        &msg.payload,
-                        props,
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| amqp_error("publish a reply", e))
-            }
+            Route::Request(pattern) => Box::pin(inner.publish_request_aside(pattern, msg)),
+            Route::Reply(address) => Box::pin(inner.publish_reply(address, msg)),
         }
+    }
+}
+
+impl Inner {
+    /// An event or a dead letter: persistent, returned once the broker confirmed it.
+    async fn publish_confirmed(
+        self: &Arc<Self>,
+        exchange: &str,
+        pattern: &str,
+        msg: Envelope,
+    ) -> Result<()> {
+        let s = self.session().await?;
+        let props = properties(&msg, true, Kind::Message);
+        confirmed(&s.confirm, exchange, pattern, false, &msg.payload, props).await
+    }
+
+    /// A `request`: mandatory, so a request no queue takes comes back from the broker.
+    /// `request` returns at once, so the confirm is awaited aside and a returned request
+    /// becomes a `no_responder` reply in the caller's inbox.
+    async fn publish_request_aside(self: &Arc<Self>, pattern: &str, msg: Envelope) -> Result<()> {
+        let s = self.session().await?;
+        let props = with_expiration(properties(&msg, false, Kind::Message), &msg);
+        let confirm = self
+            .publish_request(&s.confirm, pattern, &msg.payload, props)
+            .await?;
+        let inbox = msg.reply_to.as_deref().and_then(|r| self.inbox_sender(r));
+        let (id, pattern) = (msg.correlation_id, pattern.to_owned());
+        tokio::spawn(async move {
+            let error = match confirm.await {
+                Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => return,
+                Ok(Confirmation::Ack(Some(_))) => ReplyError {
+                    code: "no_responder".into(),
+                    message: format!("no handler is serving `{pattern}`"),
+                },
+                Ok(Confirmation::Nack(_)) => ReplyError {
+                    code: "rejected".into(),
+                    message: format!("the broker refused the request to `{pattern}` (nack)"),
+                },
+                // A lost connection fails waiting requests through the inbox.
+                Err(_) => return,
+            };
+            if let Some(tx) = inbox {
+                let mut reply = Envelope::new(pattern, Bytes::new());
+                reply.correlation_id = id;
+                reply.error = Some(error);
+                let _ = tx.send(Delivery::new(reply, 1, Box::new(NoAck))).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// A reply, on the session's unconfirmed channel.
+    async fn publish_reply(self: &Arc<Self>, address: &str, mut msg: Envelope) -> Result<()> {
+        let s = self.session().await?;
+        let props = properties(&msg, false, Kind::Reply);
+        s.fast
+            .basic_publish(
+                "".into(),
+                short(msg.take_reply_address(address))?,
+                BasicPublishOptions::default(),
+                &msg.payload,
+                props,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| amqp_error("publish a reply", e))
     }
 }
 

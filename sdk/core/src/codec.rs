@@ -37,33 +37,43 @@ pub trait Body: Encode + Decode {}
 
 impl<T: Encode + Decode> Body for T {}
 
-/// The media type without parameters, lower-cased (`Application/JSON; charset=utf-8` →
-/// `application/json`).
-fn essence(ct: &str) -> String {
-    ct.split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
+/// The media type without parameters (`Application/JSON; charset=utf-8` →
+/// `Application/JSON`), to compare ignoring ASCII case. No allocation: it runs per message.
+fn essence(ct: &str) -> &str {
+    ct.split_once(';').map_or(ct, |(media, _)| media).trim()
 }
 
 fn is_json(ct: Option<&str>) -> bool {
     match ct {
         None => true,
+        Some(content_type::JSON) => true,
         Some(ct) => {
             let e = essence(ct);
-            e == content_type::JSON || e.ends_with("+json") || e == "text/json"
+            e.eq_ignore_ascii_case(content_type::JSON)
+                || e.eq_ignore_ascii_case("text/json")
+                || ends_with_ignore_ascii_case(e.as_bytes(), b"+json")
         }
     }
+}
+
+/// Whether `s` ends with `tail`, ignoring ASCII case (bytes: no char boundary to mind).
+fn ends_with_ignore_ascii_case(s: &[u8], tail: &[u8]) -> bool {
+    s.len() >= tail.len() && s[s.len() - tail.len()..].eq_ignore_ascii_case(tail)
 }
 
 fn is_protobuf(ct: Option<&str>) -> bool {
     match ct {
         None => true,
-        Some(ct) => matches!(
-            essence(ct).as_str(),
-            content_type::PROTOBUF | "application/protobuf" | "application/vnd.google.protobuf"
-        ),
+        Some(ct) => {
+            let e = essence(ct);
+            [
+                content_type::PROTOBUF,
+                "application/protobuf",
+                "application/vnd.google.protobuf",
+            ]
+            .iter()
+            .any(|p| e.eq_ignore_ascii_case(p))
+        }
     }
 }
 
@@ -178,6 +188,29 @@ mod tests {
         assert_eq!(ct, "application/json");
         let back = User::decode(Some("application/json; charset=utf-8"), bytes).expect("decodes");
         assert_eq!(back, u);
+    }
+
+    #[test]
+    fn content_types_are_matched_without_case_or_parameters() {
+        for ct in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " text/json ",
+            "application/cloudevents+JSON",
+        ] {
+            assert!(is_json(Some(ct)), "{ct}");
+        }
+        for ct in [
+            "application/x-protobuf",
+            "text/plain",
+            "json",
+            "é+jsoné",
+            "ü",
+        ] {
+            assert!(!is_json(Some(ct)), "{ct}");
+        }
+        assert!(is_protobuf(Some("Application/Protobuf; proto=x")));
+        assert!(!is_protobuf(Some("application/json")));
     }
 
     #[test]
