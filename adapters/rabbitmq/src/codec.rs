@@ -15,8 +15,12 @@ const BROKER_HEADERS: &[&str] = &["x-delivery-count", "x-death", "x-first-death-
 /// What kind of message the properties are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// An event, request or dead letter: everything is sent.
+    /// An event or dead letter: everything is sent.
     Message,
+    /// A request (`send` or `request`): it arrives on its pattern's own queue, which names
+    /// its pattern, and its id, when it equals its correlation id (the SDK's default), is read
+    /// from `correlation_id`; neither is sent again.
+    Request,
     /// A reply: its id (nothing reads a reply's id), pattern (the caller knows what it
     /// asked), reply address (it is where the reply goes) and a causation id equal to its
     /// correlation id (the request's id) are left out, as on NATS (docs/wire.md).
@@ -41,9 +45,7 @@ pub(crate) fn properties(env: &Envelope, persistent: bool, kind: Kind) -> BasicP
             None
         }
     };
-    // A request goes to its pattern's own queue, so its pattern is where it arrives; its id,
-    // when it is its correlation id (the SDK's default), is read from `correlation_id`.
-    let request = !reply && env.reply_to.is_some();
+    let request = kind == Kind::Request;
     let id_implied = request
         && env
             .correlation_id
@@ -251,7 +253,7 @@ mod tests {
         let mut req = Envelope::new("users.get", &b"{}"[..]).with_content_type("application/json");
         req.correlation_id = Some(CorrelationId::from(req.id));
         req.reply_to = Some("amq.rabbitmq.reply-to".into());
-        let props = properties(&req, false, Kind::Message);
+        let props = properties(&req, false, Kind::Request);
         assert!(props.message_id().is_none());
         assert!(props.kind().is_none());
         assert!(props.content_type().is_none());
@@ -265,7 +267,7 @@ mod tests {
         // A correlation id carried from another message: the id travels too.
         let mut caused = req.clone();
         caused.correlation_id = Some(CorrelationId::new());
-        let props = properties(&caused, false, Kind::Message);
+        let props = properties(&caused, false, Kind::Request);
         let (back, _) = read_message(&props, b"{}".to_vec(), "users.get");
         assert_eq!(back.id, caused.id);
         assert_eq!(back.correlation_id, caused.correlation_id);

@@ -376,17 +376,11 @@ impl Inner {
                         continue;
                     };
                     if let Some((_, tx)) = returns_calls.remove(id.as_str()) {
-                        let pattern = m
-                            .delivery
-                            .properties
-                            .kind()
-                            .as_ref()
-                            .map(|k| k.as_str().to_owned())
-                            .unwrap_or_default();
-                        let mut reply = Envelope::new(pattern.clone(), Bytes::new());
+                        // The call names its pattern (a request does not carry it).
+                        let mut reply = Envelope::new(String::new(), Bytes::new());
                         reply.error = Some(ReplyError {
                             code: "no_responder".into(),
-                            message: format!("no handler is serving `{pattern}`"),
+                            message: String::new(),
                         });
                         let _ = tx.send(reply);
                     }
@@ -874,7 +868,7 @@ impl Inner {
     /// becomes a `no_responder` reply in the caller's inbox.
     async fn publish_request_aside(self: &Arc<Self>, pattern: &str, msg: Envelope) -> Result<()> {
         let s = self.session().await?;
-        let props = with_expiration(properties(&msg, false, Kind::Message), &msg);
+        let props = with_expiration(properties(&msg, false, Kind::Request), &msg);
         let confirm = self
             .publish_request(&s.confirm, pattern, &msg.payload, props)
             .await?;
@@ -1012,7 +1006,7 @@ impl Requester for RabbitTransport {
             calls: &inner.calls,
             id,
         };
-        let props = with_expiration(properties(&msg, false, Kind::Message), &msg)
+        let props = with_expiration(properties(&msg, false, Kind::Request), &msg)
             .with_reply_to(DIRECT_REPLY_TO.into());
         let confirm = inner
             .publish_request(&s.rpc, pattern, &msg.payload, props)
@@ -1021,7 +1015,16 @@ impl Requester for RabbitTransport {
         // session's return collector and answered as `no_responder`.
         drop(confirm);
         tokio::select! {
-            r = &mut rx => r.map_err(|_| {
+            r = &mut rx => r.map(|mut reply| {
+                if let Some(e) = reply
+                    .error
+                    .as_mut()
+                    .filter(|e| e.code == "no_responder" && e.message.is_empty())
+                {
+                    e.message = format!("no handler is serving `{pattern}`");
+                }
+                reply
+            }).map_err(|_| {
                 Error::new(
                     ErrorKind::Connection,
                     NAME,
