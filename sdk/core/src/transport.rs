@@ -222,22 +222,11 @@ impl Delivery {
     /// A delivery read from string headers and a payload, the way a broker adapter receives
     /// it ([`Envelope::read`]): an envelope if the headers parse, otherwise a malformed
     /// delivery carrying the payload as received and the reason, so the consumer dead-letters
-    /// it.
-    pub fn decode<'a>(
-        headers: impl IntoIterator<Item = (&'a str, &'a str)>,
-        payload: bytes::Bytes,
-        pattern: &str,
-        attempt: u32,
-        acker: Box<dyn Acker>,
-    ) -> Self {
-        Self::read(headers, payload, pattern, None, attempt, acker, |_, _| {})
-    }
-
-    /// [`Delivery::decode`] for an adapter that knows more than the headers say: `implied` is
-    /// the message's id when it carries none ([`Envelope::from_headers_or_id`]), and `adjust`
-    /// sets what the broker's own metadata carries (a reply address, a deadline), or marks the
-    /// message malformed. The envelope is read in place, inside the allocation the delivery
-    /// shares with the handler: it is not copied once read.
+    /// it. `implied` is the message's id when it carries none
+    /// ([`Envelope::from_headers_or_id`]), and `adjust` sets what the broker's own metadata
+    /// carries (a reply address, a deadline), or marks the message malformed. The envelope is
+    /// read in place, inside the allocation the delivery shares with the handler: it is not
+    /// copied once read.
     pub fn read<'a>(
         headers: impl IntoIterator<Item = (&'a str, &'a str)>,
         payload: bytes::Bytes,
@@ -533,6 +522,49 @@ impl<S: Stream + Unpin> Stream for UntilClosed<S> {
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    #[test]
+    fn a_delivery_is_read_in_place_and_adjusted() {
+        use crate::envelope::header;
+        let id = crate::MessageId::new();
+        let d = Delivery::read(
+            [(header::PATTERN, "orders.placed")],
+            bytes::Bytes::from_static(b"{}"),
+            "fallback",
+            Some(id),
+            2,
+            Box::new(NoAck),
+            |env, _| env.reply_to = Some("inbox.1".into()),
+        );
+        assert!(d.malformed.is_none());
+        assert_eq!(d.attempt, 2);
+        assert_eq!(d.envelope().id, id, "no ce-id header: the implied id");
+        assert_eq!(d.envelope().pattern, "orders.placed");
+        assert_eq!(d.envelope().reply_to.as_deref(), Some("inbox.1"));
+
+        // Malformed headers: the payload as received under a fresh envelope, with the reason;
+        // `adjust` may add its own reason only when there is none.
+        let mut d = Delivery::read(
+            [(header::ID, "not-a-uuid")],
+            bytes::Bytes::from_static(b"raw"),
+            "p",
+            None,
+            1,
+            Box::new(NoAck),
+            |_, malformed| {
+                malformed.get_or_insert_with(|| "unused".into());
+            },
+        );
+        let reason = d.malformed.clone().expect("malformed");
+        assert!(reason.contains("ce-id"), "{reason}");
+        assert_eq!(&d.envelope().payload[..], b"raw");
+        assert_eq!(d.envelope().pattern, "p");
+
+        // Changed before handing on; owned afterwards without a copy of shared state.
+        d.envelope_mut().key = Some("k".into());
+        let env = d.into_envelope();
+        assert_eq!(env.key.as_deref(), Some("k"));
+    }
 
     #[tokio::test]
     async fn a_guarded_stream_ends_when_the_signal_closes() {
