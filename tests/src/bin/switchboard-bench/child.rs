@@ -23,6 +23,42 @@ pub(crate) fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
+/// The whole machine's CPU time so far (all cores, clock ticks), from the first line of
+/// `/proc/stat`: in all, idle (iowait included) and stolen by the hypervisor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MachineTicks {
+    total: u64,
+    idle: u64,
+    steal: u64,
+}
+
+impl MachineTicks {
+    /// Now; `None` where `/proc/stat` cannot be read.
+    pub(crate) fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields = stat.lines().next()?.strip_prefix("cpu ")?;
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let v: Vec<u64> = fields
+            .split_whitespace()
+            .take(8)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        Some(MachineTicks {
+            total: v.iter().sum(),
+            idle: v.get(3)? + v.get(4)?,
+            steal: *v.get(7)?,
+        })
+    }
+
+    /// Idle and stolen shares (percent of all CPU time) between `earlier` and `self`.
+    pub(crate) fn shares_since(&self, earlier: &MachineTicks) -> Option<(f64, f64)> {
+        let total = self.total.checked_sub(earlier.total).filter(|t| *t > 0)? as f64;
+        let pct = |a: u64, b: u64| a.saturating_sub(b) as f64 * 100.0 / total;
+        Some((pct(self.idle, earlier.idle), pct(self.steal, earlier.steal)))
+    }
+}
+
 /// A server process and what it reports.
 pub(crate) struct ChildServer {
     child: Child,

@@ -30,7 +30,7 @@ use std::io::Write;
 use clap::Parser;
 use serde::Serialize;
 
-use crate::child::ChildServer;
+use crate::child::{ChildServer, MachineTicks};
 use crate::workload::{Counter, Counts, Figure};
 
 #[derive(Parser, Debug)]
@@ -165,6 +165,40 @@ async fn run_side(system: &str, transport: &str, url: &str, run: usize, c: &Coun
 
 // ---------------------------------------------------------------- report
 
+/// Per side: `machine_idle` and `machine_steal` (percent of the machine's CPU time while that
+/// side's runs went on) as (side, name, median, min, max).
+fn machine_summary<'a>(
+    machine: &[(&'a str, (f64, f64))],
+) -> Vec<(&'a str, &'static str, f64, f64, f64)> {
+    let mut rows = Vec::new();
+    for side in ["switchboard", "raw"] {
+        for (name, pick) in [
+            (
+                "machine_idle",
+                (|s: &(f64, f64)| s.0) as fn(&(f64, f64)) -> f64,
+            ),
+            ("machine_steal", |s: &(f64, f64)| s.1),
+        ] {
+            let runs: Vec<Vec<Figure>> = machine
+                .iter()
+                .filter(|(s, _)| *s == side)
+                .map(|(_, shares)| {
+                    vec![Figure {
+                        workload: name,
+                        unit: "% of CPU",
+                        value: pick(shares),
+                        lower_is_better: true,
+                    }]
+                })
+                .collect();
+            if let Some((m, lo, hi)) = summarize(&runs).pop() {
+                rows.push((side, name, m.value, lo, hi));
+            }
+        }
+    }
+    rows
+}
+
 #[derive(Serialize)]
 struct Line<'a> {
     system: &'a str,
@@ -244,6 +278,8 @@ fn main() {
     }
     let mut sb_runs = Vec::new();
     let mut raw_runs = Vec::new();
+    // How busy the machine was while each side ran: idle and stolen CPU shares per run.
+    let mut machine: Vec<(&str, (f64, f64))> = Vec::new();
     rt.block_on(async {
         for run in 0..args.runs {
             // Interleave, alternating which side goes first.
@@ -253,6 +289,7 @@ fn main() {
                 ["raw", "switchboard"]
             };
             for system in order {
+                let before = MachineTicks::now();
                 match system {
                     "switchboard" if sb => {
                         sb_runs.push(run_side(system, &args.transport, &url, run, &counts).await)
@@ -260,7 +297,13 @@ fn main() {
                     "raw" if raw => {
                         raw_runs.push(run_side(system, &args.transport, &url, run, &counts).await)
                     }
-                    _ => {}
+                    _ => continue,
+                }
+                if let Some(shares) = MachineTicks::now()
+                    .zip(before)
+                    .and_then(|(after, before)| after.shares_since(&before))
+                {
+                    machine.push((system, shares));
                 }
             }
             eprintln!("run {}/{} done", run + 1, args.runs);
@@ -283,6 +326,20 @@ fn main() {
             };
             writeln!(out, "{}", serde_json::to_string(&line).expect("json")).expect("write");
         }
+    }
+    let machine_lines = machine_summary(&machine);
+    for (system, workload, median, min, max) in &machine_lines {
+        let line = Line {
+            system,
+            transport: &args.transport,
+            workload,
+            unit: "% of CPU",
+            value: (median * 10.0).round() / 10.0,
+            runs: args.runs,
+            min: (min * 10.0).round() / 10.0,
+            max: (max * 10.0).round() / 10.0,
+        };
+        writeln!(out, "{}", serde_json::to_string(&line).expect("json")).expect("write");
     }
     if sb_runs.is_empty() || raw_runs.is_empty() {
         eprintln!(
@@ -336,5 +393,15 @@ fn main() {
         );
     }
     println!("(gateway_added_latency: not applicable until the gateway exists)");
+    println!();
+    println!(
+        "The machine while each side ran (whole machine, both cores; median, min–max over runs):"
+    );
+    println!();
+    println!("| side | machine | median | min–max |");
+    println!("| --- | --- | --- | --- |");
+    for (system, workload, median, min, max) in &machine_lines {
+        println!("| {system} | {workload} % | {median:.1} | {min:.1}–{max:.1} |");
+    }
     eprintln!("wrote {}", args.out);
 }
