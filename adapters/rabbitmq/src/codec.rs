@@ -85,7 +85,7 @@ pub(crate) fn properties(env: &Envelope, persistent: bool, kind: Kind) -> BasicP
     }
     if let Some(d) = env.deadline {
         let ms = switchboard_core::envelope::system_time_to_millis(d);
-        put(&mut table, header::DEADLINE, ms.to_string());
+        put(&mut table, header::DEADLINE, itoa::Buffer::new().format(ms));
     }
     if let Some(k) = &env.key {
         put(&mut table, header::KEY, k.as_str());

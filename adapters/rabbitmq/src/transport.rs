@@ -20,11 +20,13 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
+use switchboard_core::envelope::IdHash;
+use switchboard_core::transport::UntilClosed;
 use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Requester, Route,
     SubscribeOptions, Subscriber, Subscription, Transport,
 };
-use switchboard_core::{Envelope, Error, ErrorKind, ReplyError, Result};
+use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -55,11 +57,27 @@ struct Inner {
     lost: Arc<watch::Sender<u64>>,
     closed: CloseSignal,
     /// Direct reply-to waiters, by correlation id.
-    calls: Arc<DashMap<String, oneshot::Sender<Envelope>>>,
+    calls: Arc<Calls>,
     late: Arc<AtomicU64>,
     /// Reply queues this client declared (deleted on close), each with a way to put a
     /// reply into its subscription: the broker's "no route" for a request becomes a reply.
     inboxes: Mutex<Vec<(String, mpsc::WeakSender<Delivery>)>>,
+}
+
+/// `send`s waiting for their direct reply, by correlation id (hashed by [`IdHash`]: a reply's
+/// `correlation_id` property is parsed, not kept as a string).
+type Calls = DashMap<CorrelationId, oneshot::Sender<Envelope>, IdHash>;
+
+/// The waiting call a direct reply or a returned request belongs to, if any: its
+/// `correlation_id` property read as an id (a foreign or garbled one belongs to none).
+fn waiter_of(calls: &Calls, props: &BasicProperties) -> Option<oneshot::Sender<Envelope>> {
+    let id = props
+        .correlation_id()
+        .as_ref()?
+        .as_str()
+        .parse::<CorrelationId>()
+        .ok()?;
+    calls.remove(&id).map(|(_, tx)| tx)
 }
 
 /// One live connection and its shared channels.
@@ -145,7 +163,7 @@ impl RabbitTransport {
             connecting: tokio::sync::Mutex::new(()),
             lost: Arc::new(watch::channel(0).0),
             closed: CloseSignal::new(),
-            calls: Arc::new(DashMap::new()),
+            calls: Arc::new(Calls::default()),
             late: Arc::new(AtomicU64::new(0)),
             inboxes: Mutex::new(Vec::new()),
         });
@@ -341,7 +359,7 @@ impl Inner {
             .await
             .map_err(|e| amqp_error("declare the dead-letter exchange", e))?;
         // Direct reply-to: one consumer on the rpc channel, for every `send` of this client.
-        let mut replies = rpc
+        let replies = rpc
             .basic_consume(
                 DIRECT_REPLY_TO.into(),
                 "".into(),
@@ -372,10 +390,7 @@ impl Inner {
                     continue;
                 };
                 for m in returned {
-                    let Some(id) = m.delivery.properties.correlation_id().as_ref() else {
-                        continue;
-                    };
-                    if let Some((_, tx)) = returns_calls.remove(id.as_str()) {
+                    if let Some(tx) = waiter_of(&returns_calls, &m.delivery.properties) {
                         // The call names its pattern (a request does not carry it).
                         let mut reply = Envelope::new(String::new(), Bytes::new());
                         reply.error = Some(ReplyError {
@@ -391,20 +406,11 @@ impl Inner {
         let late = self.late.clone();
         let lost = self.lost.clone();
         let closed = self.closed.clone();
+        // Ends with the transport: the close is waited for only while no reply is ready.
+        let mut replies = closed.guard(replies);
         tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    n = replies.next() => n,
-                    _ = closed.closed() => None,
-                };
-                let Some(Ok(d)) = next else { break };
-                let corr = d
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .map(|c| c.as_str().to_owned());
-                let waiter = corr.and_then(|c| calls.remove(&c)).map(|(_, tx)| tx);
-                match waiter {
+            while let Some(Ok(d)) = replies.next().await {
+                match waiter_of(&calls, &d.properties) {
                     Some(tx) => {
                         let (mut env, malformed) = read_message(&d.properties, d.data, "");
                         if let Some(why) = malformed {
@@ -629,7 +635,8 @@ async fn subscription(
     source: Source,
     prefetch: usize,
 ) -> Result<(Subscription, mpsc::WeakSender<Delivery>)> {
-    let first = start_consumer(&inner, &source, prefetch).await?;
+    let (ch, consumer, queue) = start_consumer(&inner, &source, prefetch).await?;
+    let first = (ch, inner.closed.guard(consumer), queue);
     let (tx, rx) = mpsc::channel::<Delivery>(64);
     let weak = tx.downgrade();
     let state = SubState {
@@ -651,7 +658,8 @@ struct SubState {
     inner: Arc<Inner>,
     source: Source,
     prefetch: usize,
-    current: Option<(Channel, lapin::Consumer, String)>,
+    /// The channel, its consumer (ending when the transport closes) and the queue.
+    current: Option<(Channel, UntilClosed<lapin::Consumer>, String)>,
     injected: mpsc::Receiver<Delivery>,
     /// Keeps `injected` open while the subscription lives.
     _keep: mpsc::Sender<Delivery>,
@@ -665,9 +673,9 @@ impl SubState {
             if self.current.is_none() {
                 self.inner.session_wait().await?;
                 match start_consumer(&self.inner, &self.source, self.prefetch).await {
-                    Ok(c) => {
+                    Ok((ch, consumer, queue)) => {
                         tracing::info!(source = ?self.source, "RabbitMQ subscription resumed");
-                        self.current = Some(c);
+                        self.current = Some((ch, self.inner.closed.guard(consumer), queue));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "RabbitMQ resubscribe failed; retrying");
@@ -680,11 +688,12 @@ impl SubState {
                 }
             }
             let (_, consumer, queue) = self.current.as_mut()?;
+            // The consumer ends when the transport closes (its close is only waited for while
+            // nothing is ready), and a lost session is waited for above.
             let next = tokio::select! {
                 biased;
                 d = self.injected.recv() => return d,
                 n = consumer.next() => n,
-                _ = self.inner.closed.closed() => return None,
             };
             match next {
                 Some(Ok(d)) => return Some(to_delivery(&self.source, d)),
@@ -692,6 +701,8 @@ impl SubState {
                     tracing::warn!(error = %e, %queue, "RabbitMQ consumer failed; resubscribing");
                     self.current = None;
                 }
+                // Closed: the channel is closed as the subscription is dropped.
+                None if self.inner.closed.is_closed() => return None,
                 None => self.current = None,
             }
         }
@@ -920,7 +931,9 @@ impl Inner {
 /// it is worthless.
 fn with_expiration(props: BasicProperties, msg: &Envelope) -> BasicProperties {
     match msg.time_left() {
-        Some(left) => props.with_expiration(left.as_millis().max(1).to_string().into()),
+        Some(left) => {
+            props.with_expiration(itoa::Buffer::new().format(left.as_millis().max(1)).into())
+        }
         None => props,
     }
 }
@@ -977,8 +990,8 @@ impl Subscriber for RabbitTransport {
 
 /// Removes a `send`'s waiter when the call ends, however it ends.
 struct CallGuard<'a> {
-    calls: &'a DashMap<String, oneshot::Sender<Envelope>>,
-    id: String,
+    calls: &'a Calls,
+    id: CorrelationId,
 }
 
 impl Drop for CallGuard<'_> {
@@ -998,10 +1011,9 @@ impl Requester for RabbitTransport {
         };
         let id = msg
             .correlation_id
-            .map(|c| c.to_string())
             .ok_or_else(|| Error::invalid_config(NAME, "a request needs a correlation id"))?;
         let (tx, mut rx) = oneshot::channel();
-        inner.calls.insert(id.clone(), tx);
+        inner.calls.insert(id, tx);
         let _guard = CallGuard {
             calls: &inner.calls,
             id,
@@ -1081,5 +1093,33 @@ impl Transport for RabbitTransport {
             Ok(Ok(())) | Err(_) => Ok(()),
             Ok(Err(e)) => Err(amqp_error("close the connection", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_finds_its_call_by_the_correlation_id_it_echoes() {
+        let calls = Calls::default();
+        let id = CorrelationId::new();
+        let (tx, mut rx) = oneshot::channel();
+        calls.insert(id, tx);
+        // Garbled or foreign ids belong to no call, and leave the call waiting.
+        for other in ["", "42", "not-a-uuid", &CorrelationId::new().to_string()] {
+            let props = BasicProperties::default().with_correlation_id(other.into());
+            assert!(waiter_of(&calls, &props).is_none(), "{other:?}");
+        }
+        assert!(waiter_of(&calls, &BasicProperties::default()).is_none());
+        assert_eq!(calls.len(), 1);
+        // The echoed id, whatever its case, finds the call once.
+        let props =
+            BasicProperties::default().with_correlation_id(id.to_string().to_uppercase().into());
+        let tx = waiter_of(&calls, &props).expect("the waiting call");
+        assert!(calls.is_empty());
+        assert!(waiter_of(&calls, &props).is_none(), "answered once");
+        tx.send(Envelope::new("p", Bytes::new())).expect("sent");
+        assert!(rx.try_recv().is_ok());
     }
 }

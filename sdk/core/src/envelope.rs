@@ -145,9 +145,10 @@ fn new_v7() -> Uuid {
 /// 16 bytes and one multiplication, for maps keyed by ids the SDK made itself (waiting
 /// requests). A general-purpose keyed hasher costs more per lookup than the rest of a map
 /// operation; flooding is not a concern here: entries are inserted only for ids this process
-/// drew, a foreign id only looks one up.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
+/// drew, a foreign id only looks one up. Transports use it for their own maps of waiting
+/// calls too.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -176,7 +177,7 @@ impl std::hash::Hasher for IdHasher {
 }
 
 /// A `BuildHasher` of [`IdHasher`], for `HashMap`s and `DashMap`s keyed by ids.
-pub(crate) type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
