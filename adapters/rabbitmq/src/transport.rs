@@ -21,10 +21,9 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use switchboard_core::envelope::IdHash;
-use switchboard_core::transport::UntilClosed;
 use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Requester, Route,
-    SubscribeOptions, Subscriber, Subscription, Transport,
+    SubscribeOptions, Subscriber, Subscription, Transport, UntilClosed,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
 use tokio::sync::{mpsc, oneshot, watch};
