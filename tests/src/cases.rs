@@ -536,12 +536,14 @@ pub async fn reply_awaited_long_after_it_arrived_is_returned(h: Harness) -> Outc
     let p = h.pattern("await-later");
     let server = echo_server(&h, &p).await;
     let client = h.client().await;
+    // Long enough that the reply arrives before the deadline on a loaded machine (a broker
+    // drops a request that outlives it), short enough to wait out below.
     let pending = within(
         "request",
         client.request_with::<Item, Item>(
             &p,
             &item(5),
-            &CallOptions::new().timeout(Duration::from_millis(400)),
+            &CallOptions::new().timeout(Duration::from_millis(1500)),
         ),
     )
     .await
