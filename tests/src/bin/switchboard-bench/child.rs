@@ -52,10 +52,10 @@ impl MachineTicks {
     }
 
     /// Idle and stolen shares (percent of all CPU time) between `earlier` and `self`.
-    pub(crate) fn shares_since(&self, earlier: &MachineTicks) -> Option<(f64, f64)> {
+    pub(crate) fn shares_since(&self, earlier: &MachineTicks) -> Option<[f64; 2]> {
         let total = self.total.checked_sub(earlier.total).filter(|t| *t > 0)? as f64;
         let pct = |a: u64, b: u64| a.saturating_sub(b) as f64 * 100.0 / total;
-        Some((pct(self.idle, earlier.idle), pct(self.steal, earlier.steal)))
+        Some([pct(self.idle, earlier.idle), pct(self.steal, earlier.steal)])
     }
 }
 

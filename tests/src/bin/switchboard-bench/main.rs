@@ -165,38 +165,26 @@ async fn run_side(system: &str, transport: &str, url: &str, run: usize, c: &Coun
 
 // ---------------------------------------------------------------- report
 
-/// Per side: `machine_idle` and `machine_steal` (percent of the machine's CPU time while that
-/// side's runs went on) as (side, name, median, min, max).
-fn machine_summary<'a>(
-    machine: &[(&'a str, (f64, f64))],
-) -> Vec<(&'a str, &'static str, f64, f64, f64)> {
-    let mut rows = Vec::new();
-    for side in ["switchboard", "raw"] {
-        for (name, pick) in [
-            (
-                "machine_idle",
-                (|s: &(f64, f64)| s.0) as fn(&(f64, f64)) -> f64,
-            ),
-            ("machine_steal", |s: &(f64, f64)| s.1),
-        ] {
-            let runs: Vec<Vec<Figure>> = machine
-                .iter()
-                .filter(|(s, _)| *s == side)
-                .map(|(_, shares)| {
-                    vec![Figure {
-                        workload: name,
-                        unit: "% of CPU",
-                        value: pick(shares),
-                        lower_is_better: true,
-                    }]
+/// `machine_idle` and `machine_steal` of one side (percent of the machine's CPU time while its
+/// runs went on), summarized over runs like its figures.
+fn machine_summary(machine: &[(&str, [f64; 2])], side: &str) -> Vec<(Figure, f64, f64)> {
+    let runs: Vec<Vec<Figure>> = machine
+        .iter()
+        .filter(|(s, _)| *s == side)
+        .map(|(_, shares)| {
+            ["machine_idle", "machine_steal"]
+                .into_iter()
+                .zip(shares)
+                .map(|(workload, &value)| Figure {
+                    workload,
+                    unit: "% of CPU",
+                    value,
+                    lower_is_better: true,
                 })
-                .collect();
-            if let Some((m, lo, hi)) = summarize(&runs).pop() {
-                rows.push((side, name, m.value, lo, hi));
-            }
-        }
-    }
-    rows
+                .collect()
+        })
+        .collect();
+    summarize(&runs)
 }
 
 #[derive(Serialize)]
@@ -279,7 +267,7 @@ fn main() {
     let mut sb_runs = Vec::new();
     let mut raw_runs = Vec::new();
     // How busy the machine was while each side ran: idle and stolen CPU shares per run.
-    let mut machine: Vec<(&str, (f64, f64))> = Vec::new();
+    let mut machine: Vec<(&str, [f64; 2])> = Vec::new();
     rt.block_on(async {
         for run in 0..args.runs {
             // Interleave, alternating which side goes first.
@@ -311,8 +299,15 @@ fn main() {
     });
     let sb = summarize(&sb_runs);
     let raw = summarize(&raw_runs);
+    let sb_machine = machine_summary(&machine, "switchboard");
+    let raw_machine = machine_summary(&machine, "raw");
     let mut out = std::fs::File::create(&args.out).expect("create output file");
-    for (system, rows) in [("switchboard", &sb), ("raw", &raw)] {
+    for (system, rows) in [
+        ("switchboard", &sb),
+        ("raw", &raw),
+        ("switchboard", &sb_machine),
+        ("raw", &raw_machine),
+    ] {
         for (f, min, max) in rows {
             let line = Line {
                 system,
@@ -326,20 +321,6 @@ fn main() {
             };
             writeln!(out, "{}", serde_json::to_string(&line).expect("json")).expect("write");
         }
-    }
-    let machine_lines = machine_summary(&machine);
-    for (system, workload, median, min, max) in &machine_lines {
-        let line = Line {
-            system,
-            transport: &args.transport,
-            workload,
-            unit: "% of CPU",
-            value: (median * 10.0).round() / 10.0,
-            runs: args.runs,
-            min: (min * 10.0).round() / 10.0,
-            max: (max * 10.0).round() / 10.0,
-        };
-        writeln!(out, "{}", serde_json::to_string(&line).expect("json")).expect("write");
     }
     if sb_runs.is_empty() || raw_runs.is_empty() {
         eprintln!(
@@ -400,8 +381,13 @@ fn main() {
     println!();
     println!("| side | machine | median | min–max |");
     println!("| --- | --- | --- | --- |");
-    for (system, workload, median, min, max) in &machine_lines {
-        println!("| {system} | {workload} % | {median:.1} | {min:.1}–{max:.1} |");
+    for (system, rows) in [("switchboard", &sb_machine), ("raw", &raw_machine)] {
+        for (f, min, max) in rows {
+            println!(
+                "| {system} | {} % | {:.1} | {min:.1}–{max:.1} |",
+                f.workload, f.value
+            );
+        }
     }
     eprintln!("wrote {}", args.out);
 }
