@@ -246,13 +246,29 @@ pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
-/// Runs one case on a harness, bounded to four minutes, and reports a skip loudly.
+/// Cases that load the broker on purpose. Each runs alone: its flood would otherwise hold up
+/// the cases beside it for longer than their [`STEP`]-bounded waits, and they would fail for
+/// a reason that is not theirs.
+const LOAD_CASES: &[&str] = &["ten_thousand_concurrent_requests_are_all_matched"];
+
+/// Held shared by every case of this test binary and exclusively by a [`LOAD_CASES`] case.
+static LOAD_GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Runs one case on a harness, bounded to four minutes, and reports a skip loudly. A load
+/// case waits until no other case runs, and the others wait while it runs (bounded too).
 pub async fn run_case<F, Fut>(harness: Harness, case: &str, f: F)
 where
     F: FnOnce(Harness) -> Fut,
     Fut: Future<Output = Outcome>,
 {
     let name = harness.name;
+    let gate = Duration::from_secs(300);
+    let (_shared, _alone);
+    if LOAD_CASES.contains(&case) {
+        _alone = within_for(gate, "the other cases to finish", LOAD_GATE.write()).await;
+    } else {
+        _shared = within_for(gate, "the load case to finish", LOAD_GATE.read()).await;
+    }
     match within_for(Duration::from_secs(240), case, f(harness)).await {
         Outcome::Passed => {}
         Outcome::Skipped(why) => {
