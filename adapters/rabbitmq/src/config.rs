@@ -36,6 +36,7 @@ pub enum QueueType {
 /// | `heartbeat` | AMQP heartbeat, seconds | `10` |
 /// | `connect_timeout_ms` | bound on connecting to one node | `5000` |
 /// | `reply_queue_expires_ms` | a client's reply queue is deleted after it is unused this long | `1800000` |
+/// | `queue_expires_ms` | group and dead-letter queues are deleted, with what they hold, once unused (not consumed from) this long: for short-lived groups and tests; dead letters nobody reads within it are lost | never |
 /// | `max_payload` | largest payload accepted, bytes | `8388608` |
 /// | `tls_ca` | PEM file of the CA to trust (`amqps://`) | system roots |
 /// | `name` | connection name shown by the broker | `switchboard` |
@@ -68,6 +69,9 @@ pub struct RabbitConfig {
     pub connect_timeout: Duration,
     /// Idle time after which the broker deletes a client's reply queue.
     pub reply_queue_expires: Duration,
+    /// Idle time after which the broker deletes a group or dead-letter queue, and what it
+    /// holds (`x-expires`); `None`, the default, keeps them until deleted by hand.
+    pub queue_expires: Option<Duration>,
     /// Largest payload accepted.
     pub max_payload: usize,
     /// CA to trust.
@@ -87,6 +91,7 @@ impl fmt::Debug for RabbitConfig {
             .field("exchange", &self.exchange)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("queue_type", &self.queue_type)
+            .field("queue_expires", &self.queue_expires)
             .finish_non_exhaustive()
     }
 }
@@ -106,6 +111,7 @@ impl Default for RabbitConfig {
             heartbeat: 10,
             connect_timeout: Duration::from_secs(5),
             reply_queue_expires: Duration::from_secs(30 * 60),
+            queue_expires: None,
             max_payload: 8 * 1024 * 1024,
             tls_ca: None,
             name: "switchboard".to_owned(),
@@ -122,6 +128,7 @@ const KNOWN: &[&str] = &[
     "heartbeat",
     "connect_timeout_ms",
     "reply_queue_expires_ms",
+    "queue_expires_ms",
     "max_payload",
     "tls_ca",
     "name",
@@ -190,6 +197,7 @@ impl RabbitConfig {
                 }
                 "connect_timeout_ms" => cfg.connect_timeout = parse_millis(NAME, &k, &v)?,
                 "reply_queue_expires_ms" => cfg.reply_queue_expires = parse_millis(NAME, &k, &v)?,
+                "queue_expires_ms" => cfg.queue_expires = Some(parse_millis(NAME, &k, &v)?),
                 "max_payload" => cfg.max_payload = parse_count(NAME, &k, &v)?,
                 "tls_ca" => cfg.tls_ca = Some(PathBuf::from(v.as_ref())),
                 "name" => cfg.name = v.into_owned(),
@@ -244,7 +252,7 @@ mod tests {
     #[test]
     fn reads_credentials_vhost_nodes_and_options() {
         let c = parse(
-            "amqps://ada:p%40ss@mq1:5673/orders?nodes=mq2:5671&queue_type=classic&timeout_ms=50",
+            "amqps://ada:p%40ss@mq1:5673/orders?nodes=mq2:5671&queue_type=classic&timeout_ms=50&queue_expires_ms=60000",
         )
         .expect("parses");
         assert!(c.tls);
@@ -253,6 +261,7 @@ mod tests {
         assert_eq!(c.password.expose(), "p@ss");
         assert_eq!(c.vhost, "orders");
         assert_eq!(c.queue_type, QueueType::Classic);
+        assert_eq!(c.queue_expires, Some(Duration::from_secs(60)));
         let shown = format!("{c:?}");
         assert!(!shown.contains("p@ss") && shown.contains("***"), "{shown}");
         assert!(
@@ -267,6 +276,7 @@ mod tests {
         assert_eq!(c.nodes, ["127.0.0.1:5672"]);
         assert_eq!(c.user, "guest");
         assert_eq!(c.vhost, "/");
+        assert_eq!(c.queue_expires, None);
         assert!(c.uri("h:1").contains("@h:1/%2F?"));
     }
 

@@ -126,6 +126,15 @@ fn short(s: impl Into<String>) -> Result<ShortString> {
 }
 
 /// A queue name from parts, kept under AMQP's limit (a long one ends in a hash of the whole).
+/// `args` with `x-expires`: the broker deletes the queue once it is unused for `after`.
+fn expiring(mut args: FieldTable, after: Option<Duration>) -> FieldTable {
+    if let Some(after) = after {
+        let ms = u32::try_from(after.as_millis()).unwrap_or(u32::MAX);
+        args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+    }
+    args
+}
+
 fn queue_name(parts: &[&str]) -> String {
     let full = parts.join(".");
     if full.len() <= MAX_NAME {
@@ -468,7 +477,7 @@ impl Inner {
                 let dlq = declare(
                     queue_name(&[&cfg.prefix, "dlq", pattern]),
                     durable,
-                    FieldTable::default(),
+                    expiring(FieldTable::default(), cfg.queue_expires),
                 )
                 .await?;
                 bind(dlq, cfg.dead_letter_exchange.clone(), pattern.clone()).await?;
@@ -490,7 +499,7 @@ impl Inner {
                 let q = declare(
                     queue_name(&[&cfg.prefix, "evt", pattern, group]),
                     durable,
-                    args,
+                    expiring(args, cfg.queue_expires),
                 )
                 .await?;
                 bind(q.clone(), cfg.exchange.clone(), pattern.clone()).await?;
@@ -513,16 +522,14 @@ impl Inner {
                 let q = declare(
                     queue_name(&[&cfg.prefix, "dlq", pattern]),
                     durable,
-                    FieldTable::default(),
+                    expiring(FieldTable::default(), cfg.queue_expires),
                 )
                 .await?;
                 bind(q.clone(), cfg.dead_letter_exchange.clone(), pattern.clone()).await?;
                 Ok(q)
             }
             Source::Inbox { queue } => {
-                let mut args = FieldTable::default();
-                let ms = u32::try_from(cfg.reply_queue_expires.as_millis()).unwrap_or(u32::MAX);
-                args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+                let args = expiring(FieldTable::default(), Some(cfg.reply_queue_expires));
                 declare(queue.clone(), durable, args).await
             }
         }
@@ -710,12 +717,16 @@ impl SubState {
 
 impl Drop for SubState {
     fn drop(&mut self) {
-        // Unsettled deliveries of this channel go back to the queue at once.
-        if let Some((ch, _, _)) = self.current.take()
+        // Unsettled deliveries of this channel go back to the queue at once. The consumer is
+        // dropped only once its channel is closed: lapin cancels a dropped consumer in the
+        // background, and a cancel that meets its channel half-closed fails the whole
+        // connection (lapin 4.12).
+        if let Some((ch, consumer, _)) = self.current.take()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             rt.spawn(async move {
                 let _ = ch.close(200, "subscription closed".into()).await;
+                drop(consumer);
             });
         }
     }
@@ -1090,6 +1101,13 @@ impl Transport for RabbitTransport {
         .await
         {
             Ok(Ok(())) | Err(_) => Ok(()),
+            // A consumer cancelled in the background as the transport closed (the reply reader
+            // ends with it) can meet its channel half-closed; lapin then ends the connection
+            // with that error instead of the close handshake. The connection is gone all the same.
+            Ok(Err(e)) if matches!(e.kind(), lapin::ErrorKind::InvalidChannelState(..)) => {
+                tracing::debug!(error = %e, "RabbitMQ connection ended during its close");
+                Ok(())
+            }
             Ok(Err(e)) => Err(amqp_error("close the connection", e)),
         }
     }
