@@ -232,9 +232,22 @@ fn reply_subject(prefix: &str, seq: u64, deadline: Option<SystemTime>) -> String
 /// without a deadline; `Some(Err)` naming the token when it is not a number of milliseconds.
 pub(crate) fn deadline_in_reply(reply: &str) -> crate::inbox::Deadline {
     let rest = reply.strip_prefix(SEND_INBOX_PREFIX)?.as_bytes();
-    // Scanned from the end (a general `split` cost more than the whole request's envelope):
-    // the last dot starts the deadline, and `<connection>.<seq>` comes before it (a subject
-    // with one dot carries no deadline).
+    // Read from the end, where the deadline is: its digits are summed as they are passed
+    // (every request's subject is read here, so no second pass and no general parser).
+    let (mut ms, mut scale, mut i) = (0u64, 1u64, rest.len());
+    while i > 0 && rest[i - 1].is_ascii_digit() && rest.len() - i < 19 {
+        i -= 1;
+        ms += u64::from(rest[i] - b'0') * scale;
+        scale = scale.wrapping_mul(10);
+    }
+    let digits = rest.len() - i;
+    if digits > 0 && i > 0 && rest[i - 1] == b'.' {
+        // `<connection>.<seq>` comes before the deadline (a subject with one dot carries
+        // none); the sequence is short, so this scan is too.
+        rest[..i - 1].iter().rposition(|&b| b == b'.')?;
+        return Some(Ok(UNIX_EPOCH + Duration::from_millis(ms)));
+    }
+    // Anything else: the general reading, which names a token that is not a number.
     let last = rest.iter().rposition(|&b| b == b'.')?;
     rest[..last].iter().rposition(|&b| b == b'.')?;
     let token = &reply[reply.len() - (rest.len() - last - 1)..];
@@ -285,6 +298,17 @@ mod tests {
             reply_subject("_SB_SEND.c1.", 1, Some(UNIX_EPOCH)),
             "_SB_SEND.c1.1.0",
             "zero is a digit too"
+        );
+        // The longest deadline token read (19 digits), and two dots in a row.
+        assert_eq!(
+            deadline_in_reply("_SB_SEND.c1.7.9999999999999999999"),
+            Some(Ok(
+                UNIX_EPOCH + Duration::from_millis(9_999_999_999_999_999_999)
+            ))
+        );
+        assert_eq!(
+            deadline_in_reply("_SB_SEND.c1..1732000000123"),
+            Some(Ok(deadline))
         );
         // Other reply subjects, and one without a deadline, carry none.
         assert_eq!(deadline_in_reply("_SB_SEND.c1.7"), None);

@@ -215,7 +215,7 @@ impl NatsTransport {
         let closed = CloseSignal::new();
         let (mux, mux_reader) = SendMux::start(
             &client,
-            &MessageId::new().to_string(),
+            &connection_token(),
             &closed,
             disconnects.subscribe(),
         )
@@ -1132,6 +1132,15 @@ impl Drop for JsAcker {
             });
         }
     }
+}
+
+/// A token naming this connection in its `send` reply subjects: 16 random hex digits (64
+/// bits, unique among the connections of a NATS system). Short, since every request and
+/// every reply carries it, and the server reads it in both.
+fn connection_token() -> String {
+    // A v4 UUID's halves each have a few fixed bits (version, variant); their xor has none.
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    format!("{:016x}", high ^ low)
 }
 
 /// `send`: a core NATS request whose reply subject is `_SB_SEND.<connection>.<sequence>`,

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -476,6 +476,7 @@ impl CloseSignal {
             stream,
             signal: self.clone(),
             waiting: None,
+            registered: None,
         }
     }
 }
@@ -485,6 +486,10 @@ pub struct UntilClosed<S> {
     stream: S,
     signal: CloseSignal,
     waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// The waker `waiting` was last polled with: while the stream is polled with one that
+    /// wakes the same task, the close will wake it, and `waiting` need not be polled again
+    /// (each poll takes the token's lock).
+    registered: Option<Waker>,
 }
 
 impl<S> fmt::Debug for UntilClosed<S> {
@@ -506,14 +511,26 @@ impl<S: Stream + Unpin> Stream for UntilClosed<S> {
         if let Poll::Ready(item) = Pin::new(&mut this.stream).poll_next(cx) {
             return Poll::Ready(item);
         }
-        // Nothing ready: wait for the close too. Made once and kept, so it stays registered.
+        // Nothing ready: wait for the close too. Made once and kept, so it stays registered;
+        // polled again only for a waker that would not wake the task it was registered for.
+        // A close after the flag was read above wakes that task, and its next poll sees it.
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
         let token = &this.signal.inner.token;
         let waiting = this
             .waiting
             .get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
         match waiting.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                this.registered = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 }
@@ -582,6 +599,29 @@ mod tests {
         let end = tokio::time::timeout(Duration::from_secs(5), wait).await;
         assert_eq!(end.expect("woken by the close").expect("task"), None);
         assert!(signal.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_stream_waited_on_many_times_still_ends_at_the_close() {
+        let signal = CloseSignal::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let mut s = signal.guard(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(n) = s.next().await {
+                got.push(n);
+            }
+            got
+        });
+        // The reader waits before each item (the close's wake-up registered once, then kept).
+        for n in 0..3 {
+            tokio::task::yield_now().await;
+            tx.send(n).unwrap();
+        }
+        tokio::task::yield_now().await;
+        signal.close();
+        let got = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        assert_eq!(got.expect("woken by the close").expect("task"), [0, 1, 2]);
     }
 
     #[tokio::test]
