@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use futures::StreamExt;
 use switchboard_core::Result;
-use switchboard_core::transport::CloseSignal;
+use switchboard_core::transport::{CloseSignal, Registered};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -128,8 +128,8 @@ impl SendMux {
             // Watches for a lost connection while the replies keep coming; made anew only
             // after it fired, and polled only when no reply is ready.
             loop {
-                let changed = lost.changed();
-                tokio::pin!(changed);
+                // Registered once for this task, not again each time the replies run dry.
+                let mut changed = Registered::new(lost.changed());
                 let watching = loop {
                     tokio::select! {
                         biased;

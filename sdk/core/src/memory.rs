@@ -26,9 +26,10 @@ use url::Url;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{
-    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions,
-    Subscriber, Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Registered, Route,
+    SubscribeOptions, Subscriber, Subscription, Transport,
 };
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 /// The URL scheme of the in-memory transport.
 pub const SCHEME: &str = "memory";
@@ -198,8 +199,17 @@ impl Queue {
         self.notify.notify_one();
     }
 
-    async fn next(&self, closed: &CloseSignal) -> Option<Msg> {
+    /// The next message, or `None` once `closed` closes (`closing` is its wait, made once per
+    /// subscription and kept registered).
+    async fn next(
+        &self,
+        closed: &CloseSignal,
+        closing: &mut Registered<WaitForCancellationFutureOwned>,
+    ) -> Option<Msg> {
         loop {
+            if closed.is_closed() {
+                return None;
+            }
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -207,7 +217,7 @@ impl Queue {
                 return Some(m);
             }
             tokio::select! {
-                _ = closed.closed() => return None,
+                _ = &mut *closing => return None,
                 _ = &mut notified => {}
             }
         }
@@ -304,11 +314,12 @@ impl MemoryTransport {
         queue.consumers.fetch_add(1, Ordering::AcqRel);
         let guard = ConsumerGuard(queue);
         let closed = self.closed.clone();
+        let closing = closed.closed_registered();
         Subscription::new(futures::stream::unfold(
-            (guard, closed),
-            |(guard, closed)| async move {
+            (guard, closed, closing),
+            |(guard, closed, mut closing)| async move {
                 let queue = guard.0.clone();
-                let msg = queue.next(&closed).await?;
+                let msg = queue.next(&closed, &mut closing).await?;
                 let env = msg.env.clone();
                 let attempt = msg.attempt;
                 let malformed = msg.malformed.clone();
@@ -317,7 +328,7 @@ impl MemoryTransport {
                     msg: Some(msg),
                 });
                 let delivery = Delivery::from_parts(env, attempt, malformed, acker);
-                Some((delivery, (guard, closed)))
+                Some((delivery, (guard, closed, closing)))
             },
         ))
     }

@@ -501,9 +501,9 @@ async fn consume<H: Handle>(
     let limit = worker.opts.concurrency;
     let mut taking = true;
     // The stop is checked as a flag each turn (no lock); its future, made once for the whole
-    // loop, is polled last, so it only registers for a wake-up while nothing else is ready.
-    let cancelled = control.cancel.closed();
-    tokio::pin!(cancelled);
+    // loop, is polled last, so it only registers for a wake-up while nothing else is ready,
+    // and only once for this task (not each time the loop goes idle).
+    let mut cancelled = control.cancel.closed_registered();
     loop {
         if taking && control.cancel.is_closed() {
             taking = false;

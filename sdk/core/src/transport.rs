@@ -469,6 +469,12 @@ impl CloseSignal {
         self.inner.token.cancelled()
     }
 
+    /// [`CloseSignal::closed`] for a loop that makes it once and polls it on every turn:
+    /// registered once per task rather than on every poll (see [`Registered`]).
+    pub fn closed_registered(&self) -> Registered<WaitForCancellationFutureOwned> {
+        Registered::new(self.inner.token.clone().cancelled_owned())
+    }
+
     /// `stream`, ended once the signal closes. Between messages the flag is checked; the
     /// token's wake-up is only waited for while the stream itself has nothing ready.
     pub fn guard<S: Stream + Unpin>(&self, stream: S) -> UntilClosed<S> {
@@ -476,8 +482,84 @@ impl CloseSignal {
             stream,
             signal: self.clone(),
             waiting: None,
-            registered: None,
         }
+    }
+}
+
+/// A wait made once and polled in a loop (a close, a watched change) next to work that is
+/// usually ready: its future is polled again only once it has woken the task, or for a waker
+/// of another task. Polling a registered tokio wait takes its lock; a consumer loop that goes
+/// idle after every message would take it once per message.
+///
+/// The future is polled with a waker of this wrapper's own that notes the wake-up before
+/// passing it on to the task, so a poll can tell "woken by this future" from "woken by
+/// something else" with one atomic load.
+pub struct Registered<F> {
+    future: Pin<Box<F>>,
+    /// The wake-up note and the task's waker, shared with the waker the future holds.
+    note: Arc<WakeNote>,
+    /// The waker the future was polled with (made once, from `note`).
+    own: Waker,
+    /// The task's waker `note` passes wake-ups on to.
+    task: Option<Waker>,
+}
+
+#[derive(Default)]
+struct WakeNote {
+    woken: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeNote {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> Registered<F> {
+    /// Wraps `future` (boxed once, here).
+    pub fn new(future: F) -> Self {
+        let note = Arc::new(WakeNote::default());
+        Registered {
+            future: Box::pin(future),
+            own: Waker::from(note.clone()),
+            note,
+            task: None,
+        }
+    }
+}
+
+impl<F: Future> Future for Registered<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let same_task = this.task.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_task && !this.note.woken.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        if !same_task {
+            this.note.task.register(cx.waker());
+            this.task = Some(cx.waker().clone());
+        }
+        // Cleared before the poll: a wake-up during or after it is noted again.
+        this.note.woken.store(false, Ordering::Release);
+        this.future
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.own))
+    }
+}
+
+impl<F> fmt::Debug for Registered<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registered")
+            .field("woken", &self.note.woken.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
     }
 }
 
@@ -485,11 +567,8 @@ impl CloseSignal {
 pub struct UntilClosed<S> {
     stream: S,
     signal: CloseSignal,
-    waiting: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    /// The waker `waiting` was last polled with: while the stream is polled with one that
-    /// wakes the same task, the close will wake it, and `waiting` need not be polled again
-    /// (each poll takes the token's lock).
-    registered: Option<Waker>,
+    /// The close's wake-up, made the first time the stream has nothing ready.
+    waiting: Option<Registered<WaitForCancellationFutureOwned>>,
 }
 
 impl<S> fmt::Debug for UntilClosed<S> {
@@ -511,26 +590,15 @@ impl<S: Stream + Unpin> Stream for UntilClosed<S> {
         if let Poll::Ready(item) = Pin::new(&mut this.stream).poll_next(cx) {
             return Poll::Ready(item);
         }
-        // Nothing ready: wait for the close too. Made once and kept, so it stays registered;
-        // polled again only for a waker that would not wake the task it was registered for.
-        // A close after the flag was read above wakes that task, and its next poll sees it.
-        if this
-            .registered
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            return Poll::Pending;
-        }
+        // Nothing ready: wait for the close too. Made once and kept registered; a close after
+        // the flag was read above wakes this task, and its next poll sees the flag.
         let token = &this.signal.inner.token;
         let waiting = this
             .waiting
-            .get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
-        match waiting.as_mut().poll(cx) {
+            .get_or_insert_with(|| Registered::new(token.clone().cancelled_owned()));
+        match Pin::new(waiting).poll(cx) {
             Poll::Ready(()) => Poll::Ready(None),
-            Poll::Pending => {
-                this.registered = Some(cx.waker().clone());
-                Poll::Pending
-            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -622,6 +690,32 @@ mod tests {
         signal.close();
         let got = tokio::time::timeout(Duration::from_secs(5), reader).await;
         assert_eq!(got.expect("woken by the close").expect("task"), [0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_registered_wait_completes_though_polled_again_by_the_same_task() {
+        let (tx, mut rx) = tokio::sync::watch::channel(0u32);
+        let (items, mut next) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let watcher = tokio::spawn(async move {
+            let mut changed = Registered::new(rx.changed());
+            let mut seen = 0;
+            // Woken by the items many times (the wait not polled then), then by the change.
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(_) = next.recv() => seen += 1,
+                    r = &mut changed => return (r.is_ok(), seen),
+                }
+            }
+        });
+        for n in 0..3 {
+            tokio::task::yield_now().await;
+            items.send(n).unwrap();
+        }
+        tokio::task::yield_now().await;
+        tx.send(1).unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(5), watcher).await;
+        assert_eq!(done.expect("woken by the change").expect("task"), (true, 3));
     }
 
     #[tokio::test]
