@@ -265,14 +265,12 @@ pub(crate) fn deadline_token(token: &str, reply: &str) -> std::result::Result<Sy
 
 /// A decimal number of up to 19 digits (all fit a u64), nothing else.
 fn millis(token: &str) -> Option<u64> {
-    if token.is_empty() || token.len() > 19 || !token.bytes().all(|b| b.is_ascii_digit()) {
+    if token.is_empty() || token.len() > 19 {
         return None;
     }
-    Some(
-        token
-            .bytes()
-            .fold(0u64, |n, b| n * 10 + u64::from(b - b'0')),
-    )
+    token.bytes().try_fold(0u64, |n, b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 /// The number at the start of `s`, up to its first dot (a reply's sequence); `None` if that
