@@ -125,7 +125,6 @@ fn short(s: impl Into<String>) -> Result<ShortString> {
     Ok(ShortString::from(s))
 }
 
-/// A queue name from parts, kept under AMQP's limit (a long one ends in a hash of the whole).
 /// `args` with `x-expires`: the broker deletes the queue once it is unused for `after`.
 fn expiring(mut args: FieldTable, after: Option<Duration>) -> FieldTable {
     if let Some(after) = after {
@@ -135,6 +134,7 @@ fn expiring(mut args: FieldTable, after: Option<Duration>) -> FieldTable {
     args
 }
 
+/// A queue name from parts, kept under AMQP's limit (a long one ends in a hash of the whole).
 fn queue_name(parts: &[&str]) -> String {
     let full = parts.join(".");
     if full.len() <= MAX_NAME {

@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use url::Url;
 
 use crate::envelope::Envelope;
@@ -29,7 +30,6 @@ use crate::transport::{
     Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Registered, Route,
     SubscribeOptions, Subscriber, Subscription, Transport,
 };
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 /// The URL scheme of the in-memory transport.
 pub const SCHEME: &str = "memory";
