@@ -12,9 +12,10 @@ use lapin::{Connection, ConnectionProperties};
 use switchboard::HandlerError;
 use switchboard_conformance::within;
 
-fn base_url() -> String {
-    std::env::var("SB_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+// Only the harness's broker URL is used here.
+#[allow(dead_code)]
+#[path = "common/rabbitmq.rs"]
+mod rabbitmq_harness;
 
 /// Whether queue `name` exists, asked with a passive declare on a channel of its own (a
 /// missing queue closes the channel it is asked on).
@@ -46,7 +47,7 @@ async fn unused_group_and_dead_letter_queues_expire() {
         format!("sb.evt.{pattern}.workers"),
         format!("sb.dlq.{pattern}"),
     );
-    let base = base_url();
+    let base = rabbitmq_harness::broker_url();
     let sep = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{sep}queue_expires_ms=3000");
 

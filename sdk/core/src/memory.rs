@@ -199,17 +199,10 @@ impl Queue {
         self.notify.notify_one();
     }
 
-    /// The next message, or `None` once `closed` closes (`closing` is its wait, made once per
-    /// subscription and kept registered).
-    async fn next(
-        &self,
-        closed: &CloseSignal,
-        closing: &mut Registered<WaitForCancellationFutureOwned>,
-    ) -> Option<Msg> {
+    /// The next message, or `None` once the transport closes while none is queued (`closing`
+    /// is the close's wait, made once per subscription and kept registered).
+    async fn next(&self, closing: &mut Registered<WaitForCancellationFutureOwned>) -> Option<Msg> {
         loop {
-            if closed.is_closed() {
-                return None;
-            }
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -313,13 +306,12 @@ impl MemoryTransport {
     fn queue_subscription(&self, queue: Arc<Queue>) -> Subscription {
         queue.consumers.fetch_add(1, Ordering::AcqRel);
         let guard = ConsumerGuard(queue);
-        let closed = self.closed.clone();
-        let closing = closed.closed_registered();
+        let closing = self.closed.closed_registered();
         Subscription::new(futures::stream::unfold(
-            (guard, closed, closing),
-            |(guard, closed, mut closing)| async move {
+            (guard, closing),
+            |(guard, mut closing)| async move {
                 let queue = guard.0.clone();
-                let msg = queue.next(&closed, &mut closing).await?;
+                let msg = queue.next(&mut closing).await?;
                 let env = msg.env.clone();
                 let attempt = msg.attempt;
                 let malformed = msg.malformed.clone();
@@ -328,7 +320,7 @@ impl MemoryTransport {
                     msg: Some(msg),
                 });
                 let delivery = Delivery::from_parts(env, attempt, malformed, acker);
-                Some((delivery, (guard, closed, closing)))
+                Some((delivery, (guard, closing)))
             },
         ))
     }
