@@ -300,17 +300,7 @@ impl Client {
     ) -> Result<Envelope> {
         validate_pattern(pattern)?;
         let (payload, ct) = body.encode()?;
-        if payload.len() > self.inner.max_payload {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                self.adapter(),
-                format!(
-                    "payload of {} bytes exceeds the limit of {} bytes",
-                    payload.len(),
-                    self.inner.max_payload
-                ),
-            ));
-        }
+        self.check_size(payload.len())?;
         let mut env = Envelope::new(pattern, payload).with_content_type(ct);
         env.key = opts.key.clone();
         if let Some(p) = &opts.parent {
@@ -323,6 +313,20 @@ impl Client {
             env.headers.insert(k.clone(), v.clone());
         }
         Ok(env)
+    }
+
+    fn check_size(&self, len: usize) -> Result<()> {
+        if len > self.inner.max_payload {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                self.adapter(),
+                format!(
+                    "payload of {len} bytes exceeds the limit of {} bytes",
+                    self.inner.max_payload
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The deadline of a call: now + timeout, bounded by the parent's deadline.
@@ -414,6 +418,70 @@ impl Client {
         let mut env = self.envelope(pattern, req, opts)?;
         let (deadline, wall, timeout) = self.deadline(opts);
         env.deadline = Some(wall);
+        let reply = self.round_trip(pattern, env, deadline, timeout).await?;
+        decode_reply(reply, self.adapter())
+    }
+
+    /// Sends a request already in envelope form (pattern, payload, content type, headers, ids
+    /// as given) and returns the reply envelope as it came, its `error` included rather than
+    /// turned into an `Err`: for bridges that relay messages built elsewhere, such as the gRPC
+    /// gateway. The pattern and size are checked as [`Client::send`] checks them; the deadline
+    /// is the earlier of the envelope's own and `timeout` (or the client's default timeout)
+    /// from now.
+    ///
+    /// # Errors
+    /// As [`Client::send`], except a failed handler's error, which is the reply's `error`.
+    pub async fn send_envelope(
+        &self,
+        mut env: Envelope,
+        timeout: Option<Duration>,
+    ) -> Result<Envelope> {
+        validate_pattern(&env.pattern)?;
+        self.check_size(env.payload.len())?;
+        let opts = CallOptions {
+            timeout,
+            ..CallOptions::default()
+        };
+        let (mut deadline, mut wall, mut timeout) = self.deadline(&opts);
+        if let Some(own) = env.deadline.filter(|own| *own < wall) {
+            let left = own
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            (deadline, wall, timeout) = (Instant::now() + left, own, left);
+        }
+        env.deadline = Some(wall);
+        let pattern = env.pattern.clone();
+        self.round_trip(&pattern, env, deadline, timeout).await
+    }
+
+    /// Publishes an envelope built elsewhere to `route` (an event, a request carrying its own
+    /// `reply_to`, a reply, a dead letter), checked as the typed calls check theirs: the
+    /// pattern of a pattern route, and the size. For bridges such as the gRPC gateway.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a malformed pattern, `PayloadTooLarge`, transport errors.
+    pub async fn publish_envelope(&self, route: Route<'_>, env: Envelope) -> Result<()> {
+        if !matches!(route, Route::Reply(_)) {
+            validate_pattern(route.name())?;
+        }
+        self.check_size(env.payload.len())?;
+        self.inner.transport.publish(route, env).await?;
+        match route {
+            Route::Event(_) => Counters::inc(&self.inner.counters.emitted),
+            Route::Request(_) => Counters::inc(&self.inner.counters.requested),
+            Route::Reply(_) | Route::DeadLetter(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The request-reply round trip of `send`, on the native requester or the correlator.
+    async fn round_trip(
+        &self,
+        pattern: &str,
+        mut env: Envelope,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Envelope> {
         Counters::inc(&self.inner.counters.sent);
         let reply = match self.inner.transport.requester() {
             Some(r) => {
@@ -440,7 +508,7 @@ impl Client {
                 .await?
             }
         };
-        decode_reply(reply, self.adapter())
+        Ok(reply)
     }
 
     /// Emits an event to `pattern`: every consumer group subscribed gets it, one member per

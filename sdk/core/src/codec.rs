@@ -6,6 +6,8 @@
 //! content type picks the codec: a body whose codec does not match the content type is a
 //! [`crate::ErrorKind::Codec`] error naming both.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -15,11 +17,12 @@ use crate::error::{Error, Result};
 
 /// A value that can be sent as a message payload.
 pub trait Encode {
-    /// Encodes the value; returns the payload and its content type.
+    /// Encodes the value; returns the payload and its content type (a constant for every
+    /// codec here; only a [`Payload`] relayed from elsewhere carries one chosen at run time).
     ///
     /// # Errors
     /// [`crate::ErrorKind::Codec`] if the value cannot be encoded.
-    fn encode(&self) -> Result<(Bytes, &'static str)>;
+    fn encode(&self) -> Result<(Bytes, Cow<'static, str>)>;
 }
 
 /// A value that can be read from a message payload.
@@ -88,10 +91,10 @@ fn mismatch(expected: &str, got: Option<&str>) -> Error {
 }
 
 impl<T: Serialize + ?Sized> Encode for T {
-    fn encode(&self) -> Result<(Bytes, &'static str)> {
+    fn encode(&self) -> Result<(Bytes, Cow<'static, str>)> {
         let v = serde_json::to_vec(self)
             .map_err(|e| Error::codec("core", format!("cannot encode JSON: {e}")).with_source(e))?;
-        Ok((Bytes::from(v), content_type::JSON))
+        Ok((Bytes::from(v), Cow::Borrowed(content_type::JSON)))
     }
 }
 
@@ -118,8 +121,11 @@ impl<T: DeserializeOwned + Send + 'static> Decode for T {
 pub struct Proto<M>(pub M);
 
 impl<M: prost::Message> Encode for Proto<M> {
-    fn encode(&self) -> Result<(Bytes, &'static str)> {
-        Ok((Bytes::from(self.0.encode_to_vec()), content_type::PROTOBUF))
+    fn encode(&self) -> Result<(Bytes, Cow<'static, str>)> {
+        Ok((
+            Bytes::from(self.0.encode_to_vec()),
+            Cow::Borrowed(content_type::PROTOBUF),
+        ))
     }
 }
 
@@ -147,14 +153,53 @@ impl<M: prost::Message + Default + 'static> Decode for Proto<M> {
 pub struct Raw(pub Bytes);
 
 impl Encode for Raw {
-    fn encode(&self) -> Result<(Bytes, &'static str)> {
-        Ok((self.0.clone(), content_type::BYTES))
+    fn encode(&self) -> Result<(Bytes, Cow<'static, str>)> {
+        Ok((self.0.clone(), Cow::Borrowed(content_type::BYTES)))
     }
 }
 
 impl Decode for Raw {
     fn decode(_ct: Option<&str>, payload: Bytes) -> Result<Self> {
         Ok(Raw(payload))
+    }
+}
+
+/// Bytes with the content type they came with: a payload relayed as it is, by a bridge such
+/// as the gRPC gateway, whose clients choose the content type at run time. Decoding takes any
+/// payload (a message without a content type reads as JSON, the wire's default); encoding sends
+/// the bytes with `content_type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    /// The payload.
+    pub bytes: Bytes,
+    /// Its content type (`application/json`, `application/x-protobuf`, ...).
+    pub content_type: Cow<'static, str>,
+}
+
+impl Payload {
+    /// `bytes` with `content_type`; an empty content type means JSON, the wire's default.
+    pub fn new(bytes: impl Into<Bytes>, content_type: &str) -> Self {
+        let content_type = if content_type.is_empty() {
+            Cow::Borrowed(content_type::JSON)
+        } else {
+            content_type::intern(content_type)
+        };
+        Payload {
+            bytes: bytes.into(),
+            content_type,
+        }
+    }
+}
+
+impl Encode for Payload {
+    fn encode(&self) -> Result<(Bytes, Cow<'static, str>)> {
+        Ok((self.bytes.clone(), self.content_type.clone()))
+    }
+}
+
+impl Decode for Payload {
+    fn decode(ct: Option<&str>, payload: Bytes) -> Result<Self> {
+        Ok(Payload::new(payload, ct.unwrap_or_default()))
     }
 }
 
@@ -221,7 +266,7 @@ mod tests {
         });
         let (bytes, ct) = u.encode().expect("encodes");
         assert_eq!(ct, content_type::PROTOBUF);
-        let back = Proto::<ProtoUser>::decode(Some(ct), bytes).expect("decodes");
+        let back = Proto::<ProtoUser>::decode(Some(&ct), bytes).expect("decodes");
         assert_eq!(back, u);
     }
 
@@ -246,8 +291,23 @@ mod tests {
     #[test]
     fn content_type_mismatch_is_named() {
         let (bytes, ct) = Proto(ProtoUser::default()).encode().expect("encodes");
-        let err = User::decode(Some(ct), bytes).expect_err("mismatch");
+        let err = User::decode(Some(&ct), bytes).expect_err("mismatch");
         assert_eq!(err.kind(), ErrorKind::Codec);
         assert!(err.to_string().contains("application/x-protobuf"), "{err}");
+    }
+
+    #[test]
+    fn a_payload_keeps_its_content_type_both_ways() {
+        let p = Payload::new(&b"<a/>"[..], "application/xml");
+        let (bytes, ct) = p.encode().expect("encodes");
+        assert_eq!((&bytes[..], &*ct), (&b"<a/>"[..], "application/xml"));
+        let back = Payload::decode(Some("application/xml"), bytes).expect("any payload decodes");
+        assert_eq!(back, p);
+        // No content type: the wire's default, JSON (a known type is not copied).
+        let json = Payload::decode(None, Bytes::from_static(b"1")).expect("decodes");
+        assert!(matches!(
+            json.content_type,
+            Cow::Borrowed(content_type::JSON)
+        ));
     }
 }

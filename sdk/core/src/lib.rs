@@ -47,7 +47,7 @@ mod stats;
 pub mod transport;
 
 pub use client::{CallOptions, Client, ClientConfig, PendingReply, ReplyStream, validate_pattern};
-pub use codec::{Body, Decode, Encode, Proto, Raw};
+pub use codec::{Body, Decode, Encode, Payload, Proto, Raw};
 pub use envelope::{CorrelationId, Envelope, MessageId, ReplyError, content_type, header};
 pub use error::{BoxError, Error, ErrorKind, HandlerError, Result};
 pub use serve::{Backoff, Context, HandlerOptions, Service};
