@@ -1,9 +1,12 @@
 //! # switchboard-proto
 //!
 //! switchboard's wire schema as protobuf, package `switchboard.v1` (`proto/switchboard/v1/`),
-//! compiled at build time by protox (no system `protoc`). Generated types stay in [`pb`];
-//! [`to_proto`] and [`from_proto`] convert to and from the SDK's [`Envelope`], so public APIs
-//! speak SDK types.
+//! compiled at build time by protox (no system `protoc`): the envelope, and the `Switchboard`
+//! gRPC service spoken by the `grpc://` transport and the gateway (its client in
+//! [`pb::switchboard_client`], its server trait in [`pb::switchboard_server`]). Generated types
+//! stay in [`pb`]; [`to_proto`] and [`from_proto`] convert to and from the SDK's [`Envelope`],
+//! so public APIs speak SDK types. [`FILE_DESCRIPTOR_SET`] is the encoded schema, for gRPC
+//! reflection.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -11,10 +14,22 @@ use switchboard_core::envelope::system_time_to_millis;
 use switchboard_core::{Envelope, Error, ReplyError, Result};
 
 /// Types generated from `proto/switchboard/v1`.
-#[allow(missing_docs, unreachable_pub, clippy::all)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all
+)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
 }
+
+/// The encoded `FileDescriptorSet` of `proto/switchboard/v1`, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/switchboard_v1_descriptor.bin"));
+
+/// The full gRPC name of the service, `switchboard.v1.Switchboard`.
+pub const SERVICE_NAME: &str = "switchboard.v1.Switchboard";
 
 /// The SDK envelope as its protobuf message.
 pub fn to_proto(env: &Envelope) -> pb::Envelope {

@@ -55,6 +55,10 @@ pub use switchboard_core::*;
 #[cfg(feature = "rabbitmq")]
 pub use switchboard_rabbitmq as rabbitmq;
 
+/// The gRPC transport and server (feature `grpc`).
+#[cfg(feature = "grpc")]
+pub use switchboard_grpc as grpc;
+
 /// The NATS transport (feature `nats`).
 #[cfg(feature = "nats")]
 pub use switchboard_nats as nats;
@@ -64,6 +68,7 @@ use url::Url;
 /// URL schemes this crate knows, with the cargo feature (and adapter crate) each needs.
 const SCHEMES: &[(&str, &str)] = &[
     ("grpc", "grpc"),
+    ("grpcs", "grpc"),
     ("nats", "nats"),
     ("tls", "nats"),
     ("amqp", "rabbitmq"),
@@ -113,6 +118,11 @@ pub async fn connect_with(url: &Url, config: ClientConfig) -> Result<Client> {
         #[cfg(feature = "nats")]
         "nats" | "tls" => {
             let transport = switchboard_nats::connect(url).await?;
+            Ok(Client::new(transport, config))
+        }
+        #[cfg(feature = "grpc")]
+        "grpc" | "grpcs" => {
+            let transport = switchboard_grpc::connect(url).await?;
             Ok(Client::new(transport, config))
         }
         #[cfg(feature = "rabbitmq")]

@@ -410,6 +410,27 @@ impl Envelope {
         }
     }
 
+    /// Adds the headers a dead letter carries (docs/wire.md): why, after how many attempts,
+    /// the pattern it was sent on, and the group that gave up on it (events).
+    pub fn mark_dead_letter(
+        &mut self,
+        pattern: &str,
+        group: Option<&str>,
+        attempt: u32,
+        reason: &str,
+    ) {
+        self.headers
+            .insert(header::DEAD_LETTER_REASON.to_owned(), reason.to_owned());
+        self.headers
+            .insert(header::DEAD_LETTER_ATTEMPTS.to_owned(), attempt.to_string());
+        self.headers
+            .insert(header::ORIGINAL_PATTERN.to_owned(), pattern.to_owned());
+        if let Some(g) = group {
+            self.headers
+                .insert(header::DEAD_LETTER_GROUP.to_owned(), g.to_owned());
+        }
+    }
+
     /// Whether the deadline, if any, has passed.
     pub fn is_expired(&self) -> bool {
         self.deadline.is_some_and(|d| d <= SystemTime::now())

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::{CallOptions, Client, validate_pattern};
 use crate::codec::{Decode, Encode};
-use crate::envelope::{Envelope, ReplyError, header};
+use crate::envelope::{Envelope, ReplyError};
 use crate::error::{Error, ErrorKind, HandlerError, Result};
 use crate::stats::Counters;
 use crate::transport::{
@@ -415,11 +415,16 @@ impl Client {
         let c = control.clone();
         control.tracker.spawn(consume(worker, sub, c));
         control.tracker.close();
-        self.inner
+        let mut services = self
+            .inner
             .services
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(control.clone());
+            .unwrap_or_else(|p| p.into_inner());
+        // Services that have ended are forgotten here: a client whose handlers come and go
+        // (a gateway's, one set per connected client) keeps only the live ones.
+        services.retain(|s| !s.tracker.is_empty());
+        services.push(control.clone());
+        drop(services);
         Service {
             pattern: pattern.to_owned(),
             control,
@@ -703,16 +708,7 @@ impl<H: Handle> Worker<H> {
         acker: Box<dyn Acker>,
     ) {
         tracing::warn!(pattern = %self.pattern, id = %env.id, attempt, %reason, "dead-lettering");
-        env.headers
-            .insert(header::DEAD_LETTER_REASON.to_owned(), reason.to_owned());
-        env.headers
-            .insert(header::DEAD_LETTER_ATTEMPTS.to_owned(), attempt.to_string());
-        env.headers
-            .insert(header::ORIGINAL_PATTERN.to_owned(), self.pattern.clone());
-        if let Some(g) = &self.group {
-            env.headers
-                .insert(header::DEAD_LETTER_GROUP.to_owned(), g.clone());
-        }
+        env.mark_dead_letter(&self.pattern, self.group.as_deref(), attempt, reason);
         match self
             .client
             .transport()

@@ -1,0 +1,174 @@
+//! Errors as gRPC statuses and back (the table is in `proto/switchboard/v1/switchboard.proto`
+//! and docs/grpc.md): every non-OK status carries the SDK's error kind and code as the ASCII
+//! trailers `sb-error-kind` and `sb-error-code`, so any client can tell a handler's
+//! `not_found` from a missing handler without parsing messages.
+
+use std::time::Duration;
+
+use switchboard_core::{Error, ErrorKind, ReplyError};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Status};
+
+use crate::NAME;
+
+/// Trailer naming the error kind (`timeout`, `handler`, ...).
+pub const ERROR_KIND: &str = "sb-error-kind";
+/// Trailer carrying the error code (a handler's own code, or the kind).
+pub const ERROR_CODE: &str = "sb-error-code";
+
+/// The gRPC status code of an error kind.
+pub fn code_of(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::Timeout => Code::DeadlineExceeded,
+        ErrorKind::NoResponder | ErrorKind::Connection | ErrorKind::Closed => Code::Unavailable,
+        ErrorKind::Handler => Code::Unknown,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::Unsupported => Code::Unimplemented,
+        ErrorKind::InvalidConfig | ErrorKind::Codec => Code::InvalidArgument,
+        ErrorKind::PayloadTooLarge | ErrorKind::Overloaded => Code::ResourceExhausted,
+        ErrorKind::Rejected => Code::Aborted,
+        _ => Code::Internal,
+    }
+}
+
+fn kind_named(name: &str) -> Option<ErrorKind> {
+    use ErrorKind as K;
+    [
+        K::Timeout,
+        K::NoResponder,
+        K::Handler,
+        K::Unauthenticated,
+        K::Unsupported,
+        K::InvalidConfig,
+        K::Connection,
+        K::Rejected,
+        K::Codec,
+        K::PayloadTooLarge,
+        K::Closed,
+        K::Overloaded,
+        K::Other,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == name)
+}
+
+/// A status with the kind and code trailers. A code that is not printable ASCII is left out
+/// of the trailers (the status message still has the text).
+pub fn status(kind: ErrorKind, code: &str, message: impl Into<String>) -> Status {
+    let mut trailers = MetadataMap::new();
+    trailers.insert(ERROR_KIND, MetadataValue::from_static(kind.as_str()));
+    if let Ok(v) = MetadataValue::try_from(code)
+        && !code.is_empty()
+    {
+        trailers.insert(ERROR_CODE, v);
+    }
+    Status::with_metadata(code_of(kind), message, trailers)
+}
+
+/// The status of an SDK error.
+pub fn from_error(e: &Error) -> Status {
+    status(e.kind(), e.code(), e.to_string())
+}
+
+/// The status of a reply that carries an error: the handler's code decides the kind (as
+/// `Client::send` decides it).
+pub fn from_reply_error(e: &ReplyError) -> Status {
+    let kind = match e.code.as_str() {
+        "codec" => ErrorKind::Codec,
+        "payload_too_large" => ErrorKind::PayloadTooLarge,
+        "no_responder" => ErrorKind::NoResponder,
+        "timeout" => ErrorKind::Timeout,
+        _ => ErrorKind::Handler,
+    };
+    status(kind, &e.code, e.message.clone())
+}
+
+/// A status read back into an SDK error: the trailers if the server sent them, else the
+/// status code (for statuses from the gRPC layer itself: connection refused, limits).
+pub fn to_error(s: &Status) -> Error {
+    let meta = s.metadata();
+    let trailer = |key: &str| meta.get(key).and_then(|v| v.to_str().ok());
+    let kind = trailer(ERROR_KIND)
+        .and_then(kind_named)
+        .unwrap_or(match s.code() {
+            Code::DeadlineExceeded => ErrorKind::Timeout,
+            Code::Unavailable | Code::Cancelled => ErrorKind::Connection,
+            Code::Unauthenticated | Code::PermissionDenied => ErrorKind::Unauthenticated,
+            Code::InvalidArgument => ErrorKind::InvalidConfig,
+            Code::ResourceExhausted | Code::OutOfRange => ErrorKind::PayloadTooLarge,
+            Code::Unimplemented => ErrorKind::Unsupported,
+            Code::Aborted => ErrorKind::Rejected,
+            _ => ErrorKind::Other,
+        });
+    let message = if s.message().is_empty() {
+        format!("gRPC status {:?}", s.code())
+    } else {
+        s.message().to_owned()
+    };
+    let e = Error::new(kind, NAME, message);
+    match trailer(ERROR_CODE) {
+        Some(code) => e.with_code(code),
+        None => e,
+    }
+}
+
+/// The `grpc-timeout` of a request (`100m`, `5S`, ...): how long its caller waits.
+pub fn grpc_timeout(meta: &MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_survives_the_round_trip_through_a_status() {
+        let e = Error::new(ErrorKind::Handler, "memory", "no user 7").with_code("not_found");
+        let s = from_error(&e);
+        assert_eq!(s.code(), Code::Unknown);
+        let back = to_error(&s);
+        assert_eq!(
+            (back.kind(), back.code()),
+            (ErrorKind::Handler, "not_found")
+        );
+        let t = from_error(&Error::timeout("memory", Duration::from_millis(5)));
+        assert_eq!(t.code(), Code::DeadlineExceeded);
+        assert_eq!(to_error(&t).kind(), ErrorKind::Timeout);
+        // A status from the gRPC layer itself, without trailers.
+        let raw = Status::unavailable("connection refused");
+        assert_eq!(to_error(&raw).kind(), ErrorKind::Connection);
+        // A code that cannot be a header value is left out, not a panic.
+        let odd = status(ErrorKind::Handler, "bad\ncode", "m");
+        assert!(odd.metadata().get(ERROR_CODE).is_none());
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read() {
+        let mut m = MetadataMap::new();
+        for (v, d) in [
+            ("250m", Some(Duration::from_millis(250))),
+            ("3S", Some(Duration::from_secs(3))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("999999999m", None),
+            ("m", None),
+            ("10x", None),
+        ] {
+            m.insert("grpc-timeout", v.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&m), d, "{v}");
+        }
+    }
+}
