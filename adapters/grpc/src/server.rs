@@ -818,6 +818,7 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(crate::status::normalize))
             .add_service(service.into_server())
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;

@@ -112,6 +112,32 @@ pub fn to_error(s: &Status) -> Error {
     }
 }
 
+/// Rewrites the two statuses the gRPC layer (tonic) produces on its own before the service
+/// sees a call, to the codes this service promises: a message over the size limit
+/// (`OUT_OF_RANGE` there) becomes `RESOURCE_EXHAUSTED`, and a call past its deadline
+/// (`CANCELLED`, "Timeout expired") becomes `DEADLINE_EXCEEDED`, each with the error-kind
+/// trailers the service's own statuses carry. Used as a response layer of the server.
+pub fn normalize(mut resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    let headers = resp.headers_mut();
+    let message = |h: &http::HeaderMap| {
+        h.get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .map(|m| m.replace("%20", " "))
+            .unwrap_or_default()
+    };
+    let (code, kind) = match headers.get("grpc-status").map(http::HeaderValue::as_bytes) {
+        Some(b"11") if message(headers).contains("message length too large") => {
+            ("8", ErrorKind::PayloadTooLarge)
+        }
+        Some(b"1") if message(headers).contains("Timeout expired") => ("4", ErrorKind::Timeout),
+        _ => return resp,
+    };
+    headers.insert("grpc-status", http::HeaderValue::from_static(code));
+    headers.insert(ERROR_KIND, http::HeaderValue::from_static(kind.as_str()));
+    headers.insert(ERROR_CODE, http::HeaderValue::from_static(kind.as_str()));
+    resp
+}
+
 /// The `grpc-timeout` of a request (`100m`, `5S`, ...): how long its caller waits.
 pub fn grpc_timeout(meta: &MetadataMap) -> Option<Duration> {
     let v = meta.get("grpc-timeout")?.to_str().ok()?;
@@ -154,6 +180,39 @@ mod tests {
         // A code that cannot be a header value is left out, not a panic.
         let odd = status(ErrorKind::Handler, "bad\ncode", "m");
         assert!(odd.metadata().get(ERROR_CODE).is_none());
+    }
+
+    #[test]
+    fn the_grpc_layers_own_statuses_are_normalized() {
+        let response = |code: &'static str, message: &'static str| {
+            let mut r = http::Response::new(tonic::body::Body::empty());
+            r.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static(code));
+            r.headers_mut()
+                .insert("grpc-message", http::HeaderValue::from_static(message));
+            r
+        };
+        let status = |r: &http::Response<tonic::body::Body>| {
+            (
+                r.headers()["grpc-status"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned(),
+                r.headers()
+                    .get(ERROR_KIND)
+                    .map(|v| v.to_str().expect("ascii").to_owned()),
+            )
+        };
+        let big = normalize(response(
+            "11",
+            "Error,%20decoded%20message%20length%20too%20large:%20found%209%20bytes",
+        ));
+        assert_eq!(status(&big), ("8".into(), Some("payload_too_large".into())));
+        let late = normalize(response("1", "Timeout%20expired"));
+        assert_eq!(status(&late), ("4".into(), Some("timeout".into())));
+        // Any other status is left as it is.
+        let other = normalize(response("1", "client%20went%20away"));
+        assert_eq!(status(&other), ("1".into(), None));
     }
 
     #[test]
