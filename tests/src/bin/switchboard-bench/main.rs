@@ -17,6 +17,10 @@
 //! and both sides run in one process (an in-memory transport cannot cross processes).
 
 mod child;
+#[cfg(feature = "grpc")]
+mod gateway;
+#[cfg(feature = "grpc")]
+mod grpc;
 mod memory;
 #[cfg(feature = "nats")]
 mod nats;
@@ -36,7 +40,8 @@ use crate::workload::{Counter, Counts, Figure};
 #[derive(Parser, Debug)]
 #[command(about = "switchboard benchmarks beside the raw client, as JSON lines and a ratio table")]
 struct Args {
-    /// Transport to measure: memory, nats, rabbitmq.
+    /// Transport to measure: memory, nats, rabbitmq, grpc; or `gateway` for
+    /// `gateway_added_latency` (through the gateway against directly).
     #[arg(long, default_value = "memory")]
     transport: String,
     /// The broker's URL (default: the local broker of the transport).
@@ -75,6 +80,10 @@ fn default_url(transport: &str) -> Option<&'static str> {
             "nats://127.0.0.1:4222?prefix=sbbench&stream=SWITCHBOARD_BENCH&dlq_stream=SWITCHBOARD_BENCH_DLQ&retention_ms=600000"
         }
         "rabbitmq" => "amqp://guest:guest@127.0.0.1:5672/%2f",
+        // The switchboard server's address; the raw tonic server takes the next port.
+        "grpc" => "grpc://127.0.0.1:50151",
+        // The gateway's address; the direct handler takes the next port.
+        "gateway" => "grpc://127.0.0.1:50161",
         _ => return None,
     })
 }
@@ -83,12 +92,27 @@ fn compiled(transport: &str) -> bool {
     transport == "memory"
         || (transport == "nats" && cfg!(feature = "nats"))
         || (transport == "rabbitmq" && cfg!(feature = "rabbitmq"))
+        || ((transport == "grpc" || transport == "gateway") && cfg!(feature = "grpc"))
 }
 
 /// The server process: handlers of one side, until the parent goes away.
 async fn serve(system: &str, transport: &str, url: &str, total: u64) {
     let (counted, all) = workload::local_counter();
+    #[cfg(feature = "grpc")]
+    let _grpc_server = match (system, transport) {
+        ("switchboard", "grpc") => Some(
+            grpc::serve_switchboard(url, counted.clone(), all.clone(), total).await,
+        ),
+        _ => None,
+    };
+    #[cfg(feature = "grpc")]
+    let _gateway = match (system, transport) {
+        ("switchboard", "gateway") => Some(gateway::serve_gateway(url).await),
+        _ => None,
+    };
     let keep = match system {
+        #[cfg(feature = "grpc")]
+        "switchboard" if transport == "grpc" || transport == "gateway" => None,
         "switchboard" => Some(sb::serve(url, counted.clone(), all.clone(), total).await),
         "raw" => {
             match transport {
@@ -96,6 +120,10 @@ async fn serve(system: &str, transport: &str, url: &str, total: u64) {
                 "nats" => nats::serve(url, counted.clone(), all.clone(), total).await,
                 #[cfg(feature = "rabbitmq")]
                 "rabbitmq" => rabbitmq::serve(url, counted.clone(), all.clone(), total).await,
+                #[cfg(feature = "grpc")]
+                "grpc" | "gateway" => {
+                    grpc::serve_raw(url, counted.clone(), all.clone(), total).await
+                }
                 other => panic!("no raw server for `{other}`"),
             }
             None
@@ -115,11 +143,15 @@ async fn broker_run(system: &str, transport: &str, url: &str, c: &Counts) -> Vec
     let client_before = child::cpu_time("self");
     let mut counter = Counter::Child(server);
     let mut figs = match (system, transport) {
+        #[cfg(feature = "grpc")]
+        (_, "gateway") => gateway::run(system, url, c).await,
         ("switchboard", _) => sb::run(url, c, &mut counter).await,
         #[cfg(feature = "nats")]
         ("raw", "nats") => nats::run(url, c, &mut counter).await,
         #[cfg(feature = "rabbitmq")]
         ("raw", "rabbitmq") => rabbitmq::run(url, c, &mut counter).await,
+        #[cfg(feature = "grpc")]
+        ("raw", "grpc") => grpc::run_raw(url, c, &mut counter).await,
         (s, t) => panic!("no {s} client for `{t}`"),
     };
     // CPU each process spent on all the workloads of the run (the broker's own is not counted).
@@ -230,7 +262,7 @@ fn main() {
     let args = Args::parse();
     if !compiled(&args.transport) {
         eprintln!(
-            "transport `{}` is not available in this build of the bench (known: memory, nats, rabbitmq; brokers need the crate features of the same name)",
+            "transport `{}` is not available in this build of the bench (known: memory, nats, rabbitmq, grpc; the others need the crate features of the same name)",
             args.transport
         );
         std::process::exit(2);
@@ -373,7 +405,48 @@ fn main() {
             if s.lower_is_better { "lower" } else { "higher" }
         );
     }
-    println!("(gateway_added_latency: not applicable until the gateway exists)");
+    if args.transport == "gateway" {
+        // The added latency: through the gateway minus directly, per run (paired), for each
+        // percentile.
+        println!();
+        println!("| workload | unit | added (median over runs, min–max) |");
+        println!("| --- | --- | --- |");
+        for (i, name) in [
+            "gateway_added_latency_p50",
+            "gateway_added_latency_p90",
+            "gateway_added_latency_p99",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let added: Vec<Vec<Figure>> = sb_runs
+                .iter()
+                .zip(&raw_runs)
+                .map(|(s, r)| {
+                    vec![Figure {
+                        workload: name,
+                        value: s[i].value - r[i].value,
+                        ..s[i]
+                    }]
+                })
+                .collect();
+            let (m, lo, hi) = summarize(&added).pop().expect("one figure");
+            println!("| {name} | ms | {:.3} ({lo:.3}–{hi:.3}) |", m.value);
+            let line = Line {
+                system: "added",
+                transport: &args.transport,
+                workload: name,
+                unit: "ms",
+                value: (m.value * 1000.0).round() / 1000.0,
+                runs: args.runs,
+                min: (lo * 1000.0).round() / 1000.0,
+                max: (hi * 1000.0).round() / 1000.0,
+            };
+            writeln!(out, "{}", serde_json::to_string(&line).expect("json")).expect("write");
+        }
+    } else {
+        println!("(gateway_added_latency: measured with --transport gateway)");
+    }
     println!();
     println!(
         "The machine while each side ran (whole machine, both cores; median, min–max over runs):"

@@ -80,6 +80,8 @@ pub(crate) struct Counts {
     pub(crate) async_outstanding: usize,
     pub(crate) events: u64,
     pub(crate) events_outstanding: usize,
+    /// How long `gateway_added_latency` calls at 1,000/s on each side.
+    pub(crate) gateway: Duration,
 }
 
 /// The workload groups `--workloads` can pick.
@@ -96,6 +98,7 @@ impl Counts {
             async_outstanding: 10_000,
             events: s(100_000),
             events_outstanding: 1_000,
+            gateway: Duration::from_secs_f64((30.0 * f).max(1.0)),
         }
     }
 
