@@ -20,31 +20,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::NAME;
 use crate::config::GrpcConfig;
 use crate::status::{ERROR_KIND, to_error};
 
-/// Adds the bearer token, if any, to every call.
-#[derive(Clone)]
-pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Auth {
-    fn call(
-        &mut self,
-        mut req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Rpc = SwitchboardClient<InterceptedService<Channel, Auth>>;
+type Rpc = SwitchboardClient<Channel>;
 
 /// The gRPC transport. Cheap to share: calls are multiplexed on one HTTP/2 connection, which
 /// tonic re-establishes when it drops.
@@ -56,6 +38,8 @@ pub struct GrpcTransport {
 struct Inner {
     cfg: GrpcConfig,
     rpc: Rpc,
+    /// `Bearer <token>`, added to every call.
+    token: Option<MetadataValue<Ascii>>,
     caps: Capabilities,
     backend: String,
     closed: CloseSignal,
@@ -125,10 +109,14 @@ impl GrpcTransport {
             ),
             None => None,
         };
-        let mut rpc = SwitchboardClient::with_interceptor(channel, Auth(token))
+        let mut rpc = SwitchboardClient::new(channel)
             .max_decoding_message_size(cfg.max_message_bytes)
             .max_encoding_message_size(cfg.max_message_bytes);
-        let info = tokio::time::timeout(cfg.connect_timeout, rpc.info(pb::InfoRequest {}))
+        let mut info = tonic::Request::new(pb::InfoRequest {});
+        if let Some(t) = &token {
+            info.metadata_mut().insert("authorization", t.clone());
+        }
+        let info = tokio::time::timeout(cfg.connect_timeout, rpc.info(info))
             .await
             .map_err(|_| conn_error("ask the server what it serves", "no answer"))?
             .map_err(|s| to_error(&s))?
@@ -146,11 +134,21 @@ impl GrpcTransport {
             inner: Arc::new(Inner {
                 cfg,
                 rpc,
+                token,
                 caps,
                 backend: info.backend,
                 closed: CloseSignal::new(),
             }),
         })
+    }
+
+    /// A call's request, with the token.
+    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.inner.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        req
     }
 
     /// The transport the server bridges onto (`memory`, `nats`, ...).
@@ -185,7 +183,7 @@ impl GrpcTransport {
     ) -> Result<(mpsc::UnboundedSender<Req>, tonic::Streaming<Resp>, Resp)>
     where
         Req: Send + 'static,
-        F: FnOnce(Rpc, UnboundedReceiverStream<Req>) -> Fut,
+        F: FnOnce(Rpc, tonic::Request<UnboundedReceiverStream<Req>>) -> Fut,
         Fut: std::future::Future<
                 Output = std::result::Result<
                     tonic::Response<tonic::Streaming<Resp>>,
@@ -197,7 +195,10 @@ impl GrpcTransport {
         let _ = tx.send(first);
         let bound = self.inner.cfg.connect_timeout;
         let opened = tokio::time::timeout(bound, async {
-            let mut stream = call(self.inner.rpc.clone(), UnboundedReceiverStream::new(rx))
+            let mut stream = call(
+                self.inner.rpc.clone(),
+                self.req(UnboundedReceiverStream::new(rx)),
+            )
                 .await
                 .map_err(|s| to_error(&s))?
                 .into_inner();
@@ -241,20 +242,23 @@ impl Publisher for GrpcTransport {
         let mut rpc = self.inner.rpc.clone();
         let envelope = Some(to_proto(&msg));
         let r = match route {
-            Route::Event(_) => rpc.emit(pb::EmitRequest { envelope }).await.map(|_| ()),
+            Route::Event(_) => rpc
+                .emit(self.req(pb::EmitRequest { envelope }))
+                .await
+                .map(|_| ()),
             Route::Request(_) => rpc
-                .request(pb::RequestRequest {
+                .request(self.req(pb::RequestRequest {
                     envelope,
                     timeout_ms: 0,
-                })
+                }))
                 .await
                 .map(|_| ()),
             Route::Reply(_) | Route::DeadLetter(_) => rpc
-                .publish(pb::PublishRequest {
+                .publish(self.req(pb::PublishRequest {
                     kind: route_kind(&route) as i32,
                     name: route.name().to_owned(),
                     envelope,
-                })
+                }))
                 .await
                 .map(|_| ()),
         };
@@ -444,7 +448,7 @@ impl Subscriber for GrpcTransport {
         let bound = self.inner.cfg.connect_timeout;
         let (address, stream) = tokio::time::timeout(bound, async {
             let mut stream = rpc
-                .replies(pb::RepliesRequest {})
+                .replies(self.req(pb::RepliesRequest {}))
                 .await
                 .map_err(|s| to_error(&s))?
                 .into_inner();
@@ -500,14 +504,20 @@ impl Requester for GrpcTransport {
             return Err(Error::timeout(NAME, left));
         }
         let correlation = msg.correlation_id;
-        let mut req = tonic::Request::new(pb::SendRequest {
-            envelope: Some(to_proto(&msg)),
+        // The correlation id is the request's id unless carried from a parent: then it is
+        // left out, and the server takes the one for the other.
+        let mut wire = to_proto(&msg);
+        if correlation.is_some_and(|c| c.as_uuid() == msg.id.as_uuid()) {
+            wire.correlation_id.clear();
+        }
+        let mut req = self.req(pb::SendRequest {
+            envelope: Some(wire),
         });
+        // tonic's client ends the call at this deadline (and tells the server).
         req.set_timeout(left);
         let mut rpc = self.inner.rpc.clone();
-        match tokio::time::timeout_at(deadline, rpc.send(req)).await {
-            Err(_) => Err(Error::timeout(NAME, left)),
-            Ok(Ok(r)) => {
+        match rpc.send(req).await {
+            Ok(r) => {
                 let reply = r
                     .into_inner()
                     .reply
@@ -516,7 +526,7 @@ impl Requester for GrpcTransport {
                 env.complete_reply(correlation);
                 Ok(env)
             }
-            Ok(Err(s)) => {
+            Err(s) => {
                 // A failed handler's reply is returned as a reply with its error, as every
                 // transport returns it: core turns it into the caller's `Handler` error.
                 let handler = s
@@ -533,8 +543,8 @@ impl Requester for GrpcTransport {
                     });
                     return Ok(env);
                 }
-                // The server's gRPC layer ends a call at its deadline with CANCELLED and no
-                // trailers of ours: that is this call's timeout.
+                // tonic ends a call at its deadline with CANCELLED and no trailers of ours
+                // (the client's own timer, or the server's): that is this call's timeout.
                 if s.metadata().get(ERROR_KIND).is_none()
                     && matches!(
                         s.code(),

@@ -13,22 +13,22 @@
 //! no group has ever subscribed to is dropped, as on a broker topic with no queues bound.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use url::Url;
 
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{
-    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Registered, Route,
-    SubscribeOptions, Subscriber, Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Registered, Requester,
+    Route, SubscribeOptions, Subscriber, Subscription, Transport,
 };
 
 /// The URL scheme of the in-memory transport.
@@ -125,6 +125,12 @@ struct Bus {
     requests: Mutex<HashMap<String, Arc<Queue>>>,
     dead_letters: Mutex<HashMap<String, Arc<Queue>>>,
     inboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Arc<Envelope>>>>,
+    /// `send`s waiting for their reply, by the number in their reply address
+    /// (`_call.<n>`): the responder's reply goes straight to its caller.
+    calls: dashmap::DashMap<u64, oneshot::Sender<Arc<Envelope>>>,
+    next_call: AtomicU64,
+    /// Replies to `_call.` addresses whose caller had stopped waiting.
+    late: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -401,6 +407,15 @@ impl MemoryTransport {
                     }
                 }
             }
+            Route::Reply(address) if address.starts_with(CALL_PREFIX) => {
+                let waiter = address[CALL_PREFIX.len()..]
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|n| self.bus.calls.remove(&n));
+                if !waiter.is_some_and(|(_, tx)| tx.send(env).is_ok()) {
+                    self.bus.late.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Route::Reply(address) => {
                 // A reply to an inbox that is gone is dropped, as on a broker.
                 if let Some(tx) = lock(&self.bus.inboxes).get(address) {
@@ -467,15 +482,63 @@ impl Subscriber for MemoryTransport {
     }
 }
 
+/// Reply addresses of `send`s: `_call.<n>`.
+const CALL_PREFIX: &str = "_call.";
+
+/// Forgets a `send`'s waiter however the call ends.
+struct CallGuard<'a>(&'a Bus, u64);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.calls.remove(&self.1);
+    }
+}
+
+/// `send`: the request carries a reply address of its own (`_call.<n>`), and the responder's
+/// reply is handed straight to the waiting call, with no reply channel or task in between.
+#[async_trait]
+impl Requester for MemoryTransport {
+    async fn call(
+        &self,
+        pattern: &str,
+        mut msg: Envelope,
+        deadline: tokio::time::Instant,
+    ) -> Result<Envelope> {
+        let n = self.bus.next_call.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.bus.calls.insert(n, tx);
+        let _forget = CallGuard(&self.bus, n);
+        msg.reply_to = Some(format!("{CALL_PREFIX}{n}"));
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.route(Route::Request(pattern), msg, None)?;
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, rx) => match r {
+                Ok(Ok(reply)) => Ok(Arc::unwrap_or_clone(reply)),
+                Ok(Err(_)) => Err(Error::closed(NAME)),
+                Err(_) => Err(Error::timeout(NAME, timeout)),
+            },
+            () = self.closed.closed() => Err(Error::closed(NAME)),
+        }
+    }
+
+    fn late_replies(&self) -> Option<u64> {
+        Some(self.bus.late.load(Ordering::Relaxed))
+    }
+}
+
 #[async_trait]
 impl Transport for MemoryTransport {
     fn name(&self) -> &'static str {
         NAME
     }
 
+    fn requester(&self) -> Option<&dyn Requester> {
+        Some(self)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            native_request: false,
+            native_request: true,
             detects_no_responder: true,
             redelivery_on_nack: true,
             ordered: true,

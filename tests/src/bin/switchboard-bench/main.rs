@@ -346,10 +346,10 @@ fn main() {
                 transport: &args.transport,
                 workload: f.workload,
                 unit: f.unit,
-                value: (f.value * 10.0).round() / 10.0,
+                value: (f.value * 1000.0).round() / 1000.0,
                 runs: args.runs,
-                min: (min * 10.0).round() / 10.0,
-                max: (max * 10.0).round() / 10.0,
+                min: (min * 1000.0).round() / 1000.0,
+                max: (max * 1000.0).round() / 1000.0,
             };
             writeln!(out, "{}", serde_json::to_string(&line).expect("json")).expect("write");
         }
@@ -387,8 +387,10 @@ fn main() {
     for (((s, smin, smax), (r, rmin, rmax)), (pm, plo, phi)) in
         sb.iter().zip(raw.iter()).zip(paired)
     {
+        // Milliseconds of latency need more digits than microseconds or rates.
+        let d = if s.unit == "ms" && s.lower_is_better && s.value < 10.0 { 3 } else { 1 };
         println!(
-            "| {} | {} | {} | {:.1} ({:.1}–{:.1}) | {:.1} ({:.1}–{:.1}) | {:.2} | {:.2} ({:.2}–{:.2}) | {} |",
+            "| {} | {} | {} | {:.d$} ({:.d$}–{:.d$}) | {:.d$} ({:.d$}–{:.d$}) | {:.2} | {:.2} ({:.2}–{:.2}) | {} |",
             args.transport,
             s.workload,
             s.unit,
