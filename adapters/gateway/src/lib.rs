@@ -150,6 +150,7 @@ impl Gateway {
             .build_v1()
             .map_err(|e| gateway_error(ErrorKind::Other, format!("reflection service: {e}")))?;
         let mut builder = tonic::transport::Server::builder()
+            .initial_connection_window_size(switchboard_grpc::CONNECTION_WINDOW)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .trace_fn(|req| tracing::debug_span!("grpc", path = %req.uri().path()));
         if let Some(tls) = &cfg.tls {

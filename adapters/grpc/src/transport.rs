@@ -28,6 +28,9 @@ use crate::status::{ERROR_KIND, to_error};
 
 type Rpc = SwitchboardClient<Channel>;
 
+/// How many `request`s may wait for the server to accept them at once.
+const REQUESTS_IN_FLIGHT: usize = 256;
+
 /// The gRPC transport. Cheap to share: calls are multiplexed on one HTTP/2 connection, which
 /// tonic re-establishes when it drops.
 #[derive(Clone)]
@@ -43,6 +46,11 @@ struct Inner {
     caps: Capabilities,
     backend: String,
     closed: CloseSignal,
+    /// This transport's reply channels, by address: where a request that the server refused
+    /// after `publish` returned is answered with an error reply.
+    inboxes: std::sync::Mutex<std::collections::HashMap<String, mpsc::UnboundedSender<Delivery>>>,
+    /// Bounds the requests still waiting for the server's answer (see `publish`).
+    requesting: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for GrpcTransport {
@@ -138,6 +146,8 @@ impl GrpcTransport {
                 caps,
                 backend: info.backend,
                 closed: CloseSignal::new(),
+                inboxes: std::sync::Mutex::default(),
+                requesting: Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT)),
             }),
         })
     }
@@ -149,6 +159,19 @@ impl GrpcTransport {
             req.metadata_mut().insert("authorization", t.clone());
         }
         req
+    }
+
+    /// The local side of inbox `address`, if it is one of this transport's and still read.
+    fn inbox(&self, address: &str) -> Option<mpsc::UnboundedSender<Delivery>> {
+        let mut inboxes = self.inner.inboxes.lock().unwrap_or_else(|p| p.into_inner());
+        match inboxes.get(address) {
+            Some(tx) if !tx.is_closed() => Some(tx.clone()),
+            Some(_) => {
+                inboxes.remove(address);
+                None
+            }
+            None => None,
+        }
     }
 
     /// The transport the server bridges onto (`memory`, `nats`, ...).
@@ -199,9 +222,9 @@ impl GrpcTransport {
                 self.inner.rpc.clone(),
                 self.req(UnboundedReceiverStream::new(rx)),
             )
-                .await
-                .map_err(|s| to_error(&s))?
-                .into_inner();
+            .await
+            .map_err(|s| to_error(&s))?
+            .into_inner();
             match stream.message().await {
                 Ok(Some(m)) => Ok((stream, m)),
                 Ok(None) => Err(conn_error("open a stream", "the server ended it at once")),
@@ -240,6 +263,41 @@ impl Publisher for GrpcTransport {
     async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
         self.check(&msg)?;
         let mut rpc = self.inner.rpc.clone();
+        // A request whose reply comes to one of this transport's inboxes returns at once: the
+        // server's answer is awaited in a task, and a refusal reaches the caller as an error
+        // reply on that inbox (matched by correlation id, like any reply).
+        if let Route::Request(_) = route
+            && let Some(inbox) = msg.reply_to.as_deref().and_then(|a| self.inbox(a))
+        {
+            // At most `REQUESTS_IN_FLIGHT` wait for the server; more wait here.
+            let permit = self
+                .inner
+                .requesting
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::closed(NAME))?;
+            let correlation = msg.correlation_id;
+            let req = self.req(pb::RequestRequest {
+                envelope: Some(to_proto(&msg)),
+                timeout_ms: 0,
+            });
+            tokio::spawn(async move {
+                let answer = rpc.request(req).await;
+                drop(permit);
+                if let Err(s) = answer {
+                    let e = to_error(&s);
+                    let mut reply = Envelope::new(msg.pattern, bytes::Bytes::new());
+                    reply.correlation_id = correlation;
+                    reply.error = Some(ReplyError {
+                        code: e.kind().as_str().to_owned(),
+                        message: e.message().to_owned(),
+                    });
+                    let _ = inbox.send(Delivery::new(reply, 1, Box::new(NoAck)));
+                }
+            });
+            return Ok(());
+        }
         let envelope = Some(to_proto(&msg));
         let r = match route {
             Route::Event(_) => rpc
@@ -488,6 +546,22 @@ impl Subscriber for GrpcTransport {
                 }
             })
         });
+        let (local, refused) = mpsc::unbounded_channel();
+        self.inner
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address.clone(), local);
+        // The inbox ends when the server's stream ends (the marker `None`), though the local
+        // side stays open.
+        let replies = futures::stream::select(
+            replies
+                .map(Some)
+                .chain(futures::stream::once(std::future::ready(None))),
+            tokio_stream::wrappers::UnboundedReceiverStream::new(refused).map(Some),
+        )
+        .take_while(|d| std::future::ready(d.is_some()))
+        .filter_map(std::future::ready);
         Ok(Inbox::new(
             address,
             Subscription::new(self.inner.closed.guard(replies)),

@@ -734,8 +734,13 @@ fn decode_reply<Resp: Decode>(reply: Envelope, adapter: &'static str) -> Result<
         let kind = match e.code.as_str() {
             "codec" => ErrorKind::Codec,
             "payload_too_large" => ErrorKind::PayloadTooLarge,
-            // Synthesised by transports that learn of a missing responder on the reply path.
+            // Synthesised by transports that learn on the reply path that the request never
+            // reached a handler (nobody serves it, the connection failed, credentials were
+            // refused): the caller gets the kind, as if the send had failed at once.
             "no_responder" => ErrorKind::NoResponder,
+            "connection" => ErrorKind::Connection,
+            "closed" => ErrorKind::Closed,
+            "unauthenticated" => ErrorKind::Unauthenticated,
             _ => ErrorKind::Handler,
         };
         return Err(Error::new(kind, adapter, e.message).with_code(e.code));

@@ -412,7 +412,7 @@ impl MemoryTransport {
                     .parse::<u64>()
                     .ok()
                     .and_then(|n| self.bus.calls.remove(&n));
-                if !waiter.is_some_and(|(_, tx)| tx.send(env).is_ok()) {
+                if waiter.is_none_or(|(_, tx)| tx.send(env).is_err()) {
                     self.bus.late.fetch_add(1, Ordering::Relaxed);
                 }
             }

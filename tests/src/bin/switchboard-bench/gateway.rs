@@ -22,7 +22,11 @@ const RATE: u64 = 1_000;
 
 fn addr(url: &str) -> String {
     let u = url::Url::parse(url).expect("grpc URL");
-    format!("{}:{}", u.host_str().unwrap_or("127.0.0.1"), u.port().expect("a port"))
+    format!(
+        "{}:{}",
+        u.host_str().unwrap_or("127.0.0.1"),
+        u.port().expect("a port")
+    )
 }
 
 /// The server process of the switchboard side: the gateway on the URL's address.

@@ -41,9 +41,13 @@ pub(crate) async fn serve_switchboard(
     let bus = format!("memory://grpc-bench-{}", std::process::id());
     let (backend, events) = crate::sb::serve(&bus, counted, all, total).await;
     let u = url::Url::parse(url).expect("grpc URL");
-    let addr = format!("{}:{}", u.host_str().unwrap_or("127.0.0.1"), u.port().expect("a port"))
-        .parse()
-        .expect("address");
+    let addr = format!(
+        "{}:{}",
+        u.host_str().unwrap_or("127.0.0.1"),
+        u.port().expect("a port")
+    )
+    .parse()
+    .expect("address");
     let server = switchboard::grpc::serve(
         addr,
         SwitchboardService::new(backend.clone(), ServiceOptions::default()),
@@ -65,7 +69,10 @@ type Never<T> = Pin<Box<dyn futures::Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Switchboard for Raw {
-    async fn send(&self, req: Request<pb::SendRequest>) -> Result<Response<pb::SendResponse>, Status> {
+    async fn send(
+        &self,
+        req: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
         let env = req.into_inner().envelope.unwrap_or_default();
         let payload = if env.pattern == "bench.echo1k" {
             env.payload
@@ -80,19 +87,28 @@ impl Switchboard for Raw {
         }))
     }
 
-    async fn emit(&self, req: Request<pb::EmitRequest>) -> Result<Response<pb::EmitResponse>, Status> {
+    async fn emit(
+        &self,
+        req: Request<pb::EmitRequest>,
+    ) -> Result<Response<pb::EmitResponse>, Status> {
         let env = req.into_inner().envelope.unwrap_or_default();
         let _p: workload::Person = serde_json::from_slice(&env.payload).expect("decode");
         workload::count(&self.counted, &self.all, self.total);
         Ok(Response::new(pb::EmitResponse::default()))
     }
 
-    async fn request(&self, _: Request<pb::RequestRequest>) -> Result<Response<pb::RequestResponse>, Status> {
+    async fn request(
+        &self,
+        _: Request<pb::RequestRequest>,
+    ) -> Result<Response<pb::RequestResponse>, Status> {
         Err(Status::unimplemented("raw bench server"))
     }
 
     type RepliesStream = Never<pb::RepliesResponse>;
-    async fn replies(&self, _: Request<pb::RepliesRequest>) -> Result<Response<Self::RepliesStream>, Status> {
+    async fn replies(
+        &self,
+        _: Request<pb::RepliesRequest>,
+    ) -> Result<Response<Self::RepliesStream>, Status> {
         Err(Status::unimplemented("raw bench server"))
     }
 
@@ -105,22 +121,33 @@ impl Switchboard for Raw {
     }
 
     type ServeStream = Never<pb::ServeResponse>;
-    async fn serve(&self, _: Request<Streaming<pb::ServeRequest>>) -> Result<Response<Self::ServeStream>, Status> {
+    async fn serve(
+        &self,
+        _: Request<Streaming<pb::ServeRequest>>,
+    ) -> Result<Response<Self::ServeStream>, Status> {
         Err(Status::unimplemented("raw bench server"))
     }
 
-    async fn publish(&self, _: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        _: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
         Err(Status::unimplemented("raw bench server"))
     }
 
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
         Err(Status::unimplemented("raw bench server"))
     }
 }
 
 pub(crate) async fn serve_raw(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, total: u64) {
     let addr = raw_addr(url);
-    let listener = tokio::net::TcpListener::bind(addr).await.expect("raw server listens");
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("raw server listens");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let svc = pb::switchboard_server::SwitchboardServer::new(Raw {
         counted,
@@ -129,6 +156,7 @@ pub(crate) async fn serve_raw(url: &str, counted: Arc<AtomicU64>, all: Arc<Notif
     });
     tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_connection_window_size(switchboard::grpc::CONNECTION_WINDOW)
             .add_service(svc)
             .serve_with_incoming(incoming),
     );

@@ -100,9 +100,9 @@ async fn serve(system: &str, transport: &str, url: &str, total: u64) {
     let (counted, all) = workload::local_counter();
     #[cfg(feature = "grpc")]
     let _grpc_server = match (system, transport) {
-        ("switchboard", "grpc") => Some(
-            grpc::serve_switchboard(url, counted.clone(), all.clone(), total).await,
-        ),
+        ("switchboard", "grpc") => {
+            Some(grpc::serve_switchboard(url, counted.clone(), all.clone(), total).await)
+        }
         _ => None,
     };
     #[cfg(feature = "grpc")]
@@ -388,7 +388,11 @@ fn main() {
         sb.iter().zip(raw.iter()).zip(paired)
     {
         // Milliseconds of latency need more digits than microseconds or rates.
-        let d = if s.unit == "ms" && s.lower_is_better && s.value < 10.0 { 3 } else { 1 };
+        let d = if s.unit == "ms" && s.lower_is_better && s.value < 10.0 {
+            3
+        } else {
+            1
+        };
         println!(
             "| {} | {} | {} | {:.d$} ({:.d$}–{:.d$}) | {:.d$} ({:.d$}–{:.d$}) | {:.2} | {:.2} ({:.2}–{:.2}) | {} |",
             args.transport,
