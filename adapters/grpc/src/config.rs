@@ -18,6 +18,7 @@ use crate::NAME;
 /// | `token` | bearer token sent with every call (`authorization: Bearer <token>`) | none |
 /// | `tls_ca` | PEM file of the CA to trust (`grpcs://`) | system roots |
 /// | `tls_domain` | server name to verify (`grpcs://`) | the URL's host |
+/// | `tls_cert`, `tls_key` | client certificate and key (PEM) for mutual TLS (`grpcs://`) | none |
 /// | `connect_timeout_ms` | bound on connecting, and on opening a stream | `5000` |
 /// | `max_message_bytes` | largest gRPC message sent or received | `4194304` (4 MiB) |
 ///
@@ -37,6 +38,8 @@ pub struct GrpcConfig {
     pub tls_ca: Option<PathBuf>,
     /// Server name to verify.
     pub tls_domain: Option<String>,
+    /// Client certificate and key, for mutual TLS.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
     /// Bound on connecting and on opening a stream.
     pub connect_timeout: Duration,
     /// Largest message sent or received.
@@ -51,6 +54,7 @@ impl fmt::Debug for GrpcConfig {
             .field("tls", &self.tls)
             .field("tls_ca", &self.tls_ca)
             .field("tls_domain", &self.tls_domain)
+            .field("tls_client", &self.tls_client)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
             .finish()
@@ -64,6 +68,8 @@ const KNOWN: &[&str] = &[
     "token",
     "tls_ca",
     "tls_domain",
+    "tls_cert",
+    "tls_key",
     "connect_timeout_ms",
     "max_message_bytes",
 ];
@@ -109,12 +115,16 @@ impl GrpcConfig {
             tls,
             tls_ca: None,
             tls_domain: None,
+            tls_client: None,
             connect_timeout: Duration::from_secs(5),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         };
+        let (mut cert, mut key) = (None, None);
         for (k, v) in url.query_pairs() {
             match k.as_ref() {
                 "token" => cfg.token = Some(Secret::new(v.into_owned())),
+                "tls_cert" => cert = Some(PathBuf::from(v.as_ref())),
+                "tls_key" => key = Some(PathBuf::from(v.as_ref())),
                 "tls_ca" => cfg.tls_ca = Some(PathBuf::from(v.as_ref())),
                 "tls_domain" => cfg.tls_domain = Some(v.into_owned()),
                 "connect_timeout_ms" => cfg.connect_timeout = parse_millis(NAME, &k, &v)?,
@@ -123,10 +133,22 @@ impl GrpcConfig {
                 other => return Err(unknown_option(NAME, other, KNOWN)),
             }
         }
-        if !cfg.tls && (cfg.tls_ca.is_some() || cfg.tls_domain.is_some()) {
+        match (cert, key) {
+            (Some(c), Some(k)) => cfg.tls_client = Some((c, k)),
+            (None, None) => {}
+            _ => {
+                return Err(Error::invalid_config(
+                    NAME,
+                    "`tls_cert` and `tls_key` go together: give both or neither",
+                ));
+            }
+        }
+        if !cfg.tls
+            && (cfg.tls_ca.is_some() || cfg.tls_domain.is_some() || cfg.tls_client.is_some())
+        {
             return Err(Error::invalid_config(
                 NAME,
-                "`tls_ca` and `tls_domain` need a `grpcs://` URL",
+                "`tls_ca`, `tls_domain`, `tls_cert` and `tls_key` need a `grpcs://` URL",
             ));
         }
         Ok(cfg)
@@ -162,6 +184,7 @@ mod tests {
             ("grpc://h:1?bogus=1", "unknown option `bogus`"),
             ("grpc://h:1?connect_timeout_ms=soon", "connect_timeout_ms"),
             ("grpc://h:1?tls_ca=/x.pem", "grpcs://"),
+            ("grpcs://h:1?tls_cert=/c.pem", "go together"),
             ("http://h:1", "expected a `grpc://`"),
         ] {
             let err = cfg(url).expect_err(url);

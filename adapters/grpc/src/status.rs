@@ -100,11 +100,29 @@ pub fn to_error(s: &Status) -> Error {
             Code::Aborted => ErrorKind::Rejected,
             _ => ErrorKind::Other,
         });
-    let message = if s.message().is_empty() {
+    let mut message = if s.message().is_empty() {
         format!("gRPC status {:?}", s.code())
     } else {
         s.message().to_owned()
     };
+    // A failure of the connection itself (refused, reset, not TLS, a bad certificate) comes
+    // as a status with the transport error as its source: say what it was.
+    let transport = std::error::Error::source(s).is_some_and(|e| {
+        e.downcast_ref::<tonic::transport::Error>().is_some()
+            || e.downcast_ref::<tonic::ConnectError>().is_some()
+    });
+    let mut kind = kind;
+    if transport && trailer(ERROR_KIND).is_none() {
+        if matches!(s.code(), Code::Unknown | Code::Internal) {
+            kind = ErrorKind::Connection;
+        }
+        let mut cur = std::error::Error::source(s);
+        while let Some(c) = cur {
+            message.push_str(": ");
+            message.push_str(&c.to_string());
+            cur = c.source();
+        }
+    }
     let e = Error::new(kind, NAME, message);
     match trailer(ERROR_CODE) {
         Some(code) => e.with_code(code),

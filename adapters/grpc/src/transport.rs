@@ -94,6 +94,20 @@ impl GrpcTransport {
                 })?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
             }
+            if let Some((cert, key)) = &cfg.tls_client {
+                let read = |p: &std::path::PathBuf, what: &str| {
+                    std::fs::read(p).map_err(|e| {
+                        Error::invalid_config(
+                            NAME,
+                            format!("cannot read `{what}` {}: {e}", p.display()),
+                        )
+                    })
+                };
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert, "tls_cert")?,
+                    read(key, "tls_key")?,
+                ));
+            }
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| Error::invalid_config(NAME, format!("TLS settings: {e}")))?;
