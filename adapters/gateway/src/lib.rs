@@ -109,6 +109,7 @@ impl GatewayConfig {
 pub struct Gateway {
     addr: SocketAddr,
     backend: Client,
+    service: SwitchboardService,
     health: tonic_health::server::HealthReporter,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
@@ -186,7 +187,7 @@ impl Gateway {
             ))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(service.into_server());
+            .add_service(service.clone().into_server());
         let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;
         }));
@@ -194,6 +195,7 @@ impl Gateway {
         Ok(Gateway {
             addr,
             backend,
+            service,
             health,
             stop: Some(stop),
             task,
@@ -210,8 +212,9 @@ impl Gateway {
         &self.backend
     }
 
-    /// Reports `NOT_SERVING`, stops accepting calls, lets those in progress finish (streams
-    /// end when their clients close them or at `drain`), then shuts the backend down.
+    /// Reports `NOT_SERVING`, ends the open streams (unsettled deliveries go back to the
+    /// broker), stops accepting calls, lets the unary calls in progress finish (at most
+    /// `drain`), then shuts the backend down.
     ///
     /// # Errors
     /// `Connection` if the server failed while running; the backend's errors while closing.
@@ -219,6 +222,9 @@ impl Gateway {
         self.health
             .set_not_serving::<SwitchboardServer<SwitchboardService>>()
             .await;
+        // Streams stay open as long as their clients keep them: end them, so their clients
+        // see the gateway go (and reconnect elsewhere) and the drain is about unary calls.
+        self.service.close_streams();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -730,3 +730,36 @@ async fn handler_concurrency_of_a_serve_client_is_respected() {
     within("b", b).await.expect("join").expect("answered");
     let _ = HandlerOptions::new();
 }
+
+/// Shutdown does not wait for clients to close their streams: it ends them (the clients see
+/// the end), and returns well within the drain time.
+#[tokio::test]
+async fn shutdown_ends_open_streams() {
+    let g = gateway(|c| c).await;
+    let mut c = client(&g).await;
+    let (_serve_tx, mut work) = serve(&mut c, &["closing.work"]).await;
+    let (_sub_tx, mut events) = subscribe(
+        &mut c,
+        subscription(RouteKind::Event, "closing.events", "g"),
+    )
+    .await
+    .expect("subscribes");
+    let started = std::time::Instant::now();
+    within("shutdown", g.shutdown(Duration::from_secs(30)))
+        .await
+        .expect("stops");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "shutdown waited for the streams: {:?}",
+        started.elapsed()
+    );
+    // Both streams have ended (cleanly or with a status), none hangs.
+    assert!(!matches!(
+        within("serve end", work.message()).await,
+        Ok(Some(_))
+    ));
+    assert!(!matches!(
+        within("subscribe end", events.message()).await,
+        Ok(Some(_))
+    ));
+}

@@ -44,7 +44,9 @@ pub mod status;
 mod transport;
 
 pub use config::{DEFAULT_MAX_MESSAGE_BYTES, GrpcConfig};
-pub use server::{CONNECTION_WINDOW, RunningServer, ServiceOptions, SwitchboardService, serve};
+pub use server::{
+    CONNECTION_WINDOW, RunningServer, SHUTDOWN_WITHIN, ServiceOptions, SwitchboardService, serve,
+};
 pub use transport::GrpcTransport;
 
 /// The adapter's name in errors and logs.

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use futures::{Stream, StreamExt};
 use switchboard_core::config::Secret;
 use switchboard_core::envelope::system_time_to_millis;
+use switchboard_core::transport::CloseSignal;
 use switchboard_core::{
     Client, CorrelationId, Delivery, Envelope, ErrorKind, HandlerError, HandlerOptions, Payload,
     Route, SubscribeOptions, validate_pattern,
@@ -79,6 +80,8 @@ struct Shared {
     backend: Client,
     options: ServiceOptions,
     streams: AtomicU64,
+    /// Closed by [`SwitchboardService::close_streams`]: every open stream ends.
+    closing: CloseSignal,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -91,8 +94,16 @@ impl SwitchboardService {
                 backend,
                 options,
                 streams: AtomicU64::new(0),
+                closing: CloseSignal::new(),
             }),
         }
+    }
+
+    /// Ends every open stream (`Replies`, `Subscribe`, `Serve`) as a server that stops must:
+    /// their clients see the stream end, unsettled deliveries go back to the backend, and the
+    /// streams' handlers stop. Unary calls in progress are not affected.
+    pub fn close_streams(&self) {
+        self.shared.closing.close();
     }
 
     /// The backend client.
@@ -307,9 +318,11 @@ impl Switchboard for SwitchboardService {
         };
         let _ = tx.send(Ok(first)).await;
         let mut replies = inbox.subscription;
+        let closing = self.shared.closing.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
+                    () = closing.closed() => break,
                     d = replies.next() => {
                         let Some(d) = d else { break };
                         let reply = pb::RepliesResponse {
@@ -385,6 +398,7 @@ impl Switchboard for SwitchboardService {
             group: (!sub.group.is_empty()).then_some(sub.group),
             max_attempts: sub.max_attempts,
             prefetch,
+            closing: self.shared.closing.clone(),
         };
         tokio::spawn(pump.run(deliveries, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -473,11 +487,13 @@ impl Switchboard for SwitchboardService {
             }))
             .await;
         tracing::debug!(stream = stream_no, patterns = ?reg.request_patterns, events = reg.events.len(), "serve stream registered");
+        let closing = self.shared.closing.clone();
         tokio::spawn(async move {
-            // Answers come in until the client closes its side or goes away; then the
-            // handlers stop and every item still waiting fails at once.
+            // Answers come in until the client closes its side or goes away (or the server
+            // stops); then the handlers stop and every item still waiting fails at once.
             loop {
                 tokio::select! {
+                    () = closing.closed() => break,
                     m = inbound.message() => match m {
                         Ok(Some(pb::ServeRequest { msg: Some(pb::serve_request::Msg::Result(r)) })) => {
                             serving.answer(r);
@@ -550,6 +566,7 @@ struct SubscribePump {
     group: Option<String>,
     max_attempts: u32,
     prefetch: usize,
+    closing: CloseSignal,
 }
 
 impl SubscribePump {
@@ -561,8 +578,10 @@ impl SubscribePump {
     ) {
         let mut pending: HashMap<u64, Delivery> = HashMap::new();
         let mut next_id = 0u64;
+        let closing = self.closing.clone();
         loop {
             tokio::select! {
+                () = closing.closed() => break,
                 d = deliveries.next(), if pending.len() < self.prefetch => {
                     let Some(d) = d else { break };
                     next_id += 1;
@@ -755,10 +774,14 @@ impl Drop for Forget<'_> {
     }
 }
 
+/// How long [`RunningServer::shutdown`] waits for calls in progress.
+pub const SHUTDOWN_WITHIN: Duration = Duration::from_secs(10);
+
 /// A running server: where it listens, and how to stop it.
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    service: SwitchboardService,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -774,15 +797,22 @@ impl RunningServer {
         format!("grpc://{}", self.addr)
     }
 
-    /// Stops accepting calls, lets the calls in progress finish, and returns.
+    /// Ends the open streams, stops accepting calls, lets the unary calls in progress
+    /// finish (at most [`SHUTDOWN_WITHIN`]), and returns.
     ///
     /// # Errors
     /// `Connection` if the server failed while running.
     pub async fn shutdown(mut self) -> switchboard_core::Result<()> {
+        self.service.close_streams();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match (&mut self.task).await {
+        let Ok(done) = tokio::time::timeout(SHUTDOWN_WITHIN, &mut self.task).await else {
+            tracing::warn!(addr = %self.addr, "calls still open after {SHUTDOWN_WITHIN:?}; closing them");
+            self.task.abort();
+            return Ok(());
+        };
+        match done {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(switchboard_core::Error::new(
                 ErrorKind::Connection,
@@ -826,13 +856,14 @@ pub async fn serve(
         tonic::transport::Server::builder()
             .initial_connection_window_size(CONNECTION_WINDOW)
             .layer(tower::util::MapResponseLayer::new(crate::status::normalize))
-            .add_service(service.into_server())
+            .add_service(service.clone().into_server())
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             }),
     );
     Ok(RunningServer {
         addr,
+        service,
         stop: Some(stop),
         task,
     })
