@@ -4,6 +4,8 @@
 //! gateway is stopped with SIGTERM and must exit cleanly. The test script installs grpcio and
 //! grpcio-tools when they are missing; without them this test says so loudly and skips.
 
+mod common;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -13,18 +15,7 @@ use tokio::process::Command;
 const DEMO_WITHIN: Duration = Duration::from_secs(90);
 
 fn skip(why: &str) {
-    let line = format!("SKIPPED python gateway test: {why}");
-    eprintln!("{line}");
-    if let Ok(path) = std::env::var("SB_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "{line}");
-        }
-    }
+    common::skip(&format!("SKIPPED python gateway test: {why}"));
 }
 
 #[tokio::test]

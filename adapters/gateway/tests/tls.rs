@@ -3,6 +3,8 @@
 //! server certificate for 127.0.0.1, a client certificate); without `openssl` the TLS tests
 //! say so loudly and skip.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -21,18 +23,7 @@ async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
 }
 
 fn skip(why: &str) {
-    let line = format!("SKIPPED gateway TLS test: {why}");
-    eprintln!("{line}");
-    if let Ok(path) = std::env::var("SB_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            let _ = writeln!(f, "{line}");
-        }
-    }
+    common::skip(&format!("SKIPPED gateway TLS test: {why}"));
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> bool {
