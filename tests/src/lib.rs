@@ -110,6 +110,17 @@ impl Harness {
         self
     }
 
+    /// The foreign producer of an in-memory bus (`memory://<bus>`, or a gRPC server's bus): a
+    /// bare memory transport on that bus, publishing string headers and bytes.
+    pub fn memory_foreign_producer(self, bus: impl Into<String>) -> Self {
+        use switchboard::memory::{MemoryConfig, MemoryTransport};
+        let foreign = Arc::new(MemoryTransport::connect(MemoryConfig::default().bus(bus)));
+        self.foreign_producer(move |pattern, headers, payload| {
+            let foreign = foreign.clone();
+            async move { foreign.publish_foreign(&pattern, &header_refs(&headers), payload) }
+        })
+    }
+
     /// Publishes as a foreign producer, if the harness can.
     pub async fn publish_foreign(
         &self,

@@ -24,21 +24,14 @@ async fn harness() -> Harness {
         .expect("the server listens"),
     );
     let url = server.url();
-    // A foreign producer: a bare transport on the server's bus, publishing headers and bytes.
-    let foreign = Arc::new(MemoryTransport::connect(MemoryConfig::default().bus(bus)));
     Harness::new("grpc", move || {
-        // Each client keeps the server alive for as long as the harness makes clients.
-        let (url, _server) = (url.clone(), server.clone());
+        // The harness's clients keep the server alive as long as it makes clients.
+        let _alive = &server;
+        let url = url.clone();
         async move { switchboard::connect(&url).await }
     })
     .await
-    .foreign_producer(move |pattern, headers, payload| {
-        let foreign = foreign.clone();
-        async move {
-            let headers = switchboard_conformance::header_refs(&headers);
-            foreign.publish_foreign(&pattern, &headers, payload)
-        }
-    })
+    .memory_foreign_producer(bus)
 }
 
 conformance_suite!(harness().await);

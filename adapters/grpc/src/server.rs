@@ -160,8 +160,9 @@ impl SwitchboardService {
             ));
         }
         let empty_ct = env.content_type.is_empty();
+        // The pattern is checked by the backend client's call it goes to (`send_envelope`,
+        // `publish_envelope`), whose `InvalidConfig` is `INVALID_ARGUMENT` here too.
         let mut env = from_proto(env).map_err(|e| invalid(e.message()))?;
-        validate_pattern(&env.pattern).map_err(|e| invalid(e.message()))?;
         if empty_ct {
             env.content_type = Some(switchboard_core::content_type::JSON.into());
         }
@@ -430,7 +431,7 @@ impl Switchboard for SwitchboardService {
         let (tx, rx) = mpsc::channel(concurrency.saturating_mul(2).max(16));
         let serving = Arc::new(Serving {
             out: tx.clone(),
-            waiting: std::sync::Mutex::new(HashMap::new()),
+            waiting: dashmap::DashMap::new(),
             next: AtomicU64::new(1),
             ack_timeout: Duration::from_millis(if reg.ack_timeout_ms == 0 {
                 30_000
@@ -661,7 +662,8 @@ impl SubscribePump {
 /// The work items of one `Serve` stream waiting for their answers.
 struct Serving {
     out: mpsc::Sender<Result<pb::ServeResponse, Status>>,
-    waiting: std::sync::Mutex<HashMap<u64, oneshot::Sender<pb::WorkResult>>>,
+    /// Sharded: each item is added and removed once, from different tasks, never locked whole.
+    waiting: dashmap::DashMap<u64, oneshot::Sender<pb::WorkResult>>,
     next: AtomicU64,
     ack_timeout: Duration,
 }
@@ -681,7 +683,7 @@ impl Serving {
     ) -> Result<pb::WorkResult, HandlerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id, tx);
+        self.waiting.insert(id, tx);
         let forget = Forget { serving: self, id };
         let work = pb::Work {
             work_id: id,
@@ -741,8 +743,8 @@ impl Serving {
     }
 
     fn answer(&self, r: pb::WorkResult) {
-        match self.lock().remove(&r.work_id) {
-            Some(tx) => {
+        match self.waiting.remove(&r.work_id) {
+            Some((_, tx)) => {
                 let _ = tx.send(r);
             }
             None => tracing::debug!(
@@ -754,11 +756,7 @@ impl Serving {
 
     /// Fails every item still waiting: the client is gone.
     fn fail_all(&self) {
-        self.lock().clear();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<pb::WorkResult>>> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+        self.waiting.clear();
     }
 }
 
@@ -770,7 +768,7 @@ struct Forget<'a> {
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.serving.lock().remove(&self.id);
+        self.serving.waiting.remove(&self.id);
     }
 }
 

@@ -31,27 +31,6 @@ pub fn code_of(kind: ErrorKind) -> Code {
     }
 }
 
-fn kind_named(name: &str) -> Option<ErrorKind> {
-    use ErrorKind as K;
-    [
-        K::Timeout,
-        K::NoResponder,
-        K::Handler,
-        K::Unauthenticated,
-        K::Unsupported,
-        K::InvalidConfig,
-        K::Connection,
-        K::Rejected,
-        K::Codec,
-        K::PayloadTooLarge,
-        K::Closed,
-        K::Overloaded,
-        K::Other,
-    ]
-    .into_iter()
-    .find(|k| k.as_str() == name)
-}
-
 /// A status with the kind and code trailers. A code that is not printable ASCII is left out
 /// of the trailers (the status message still has the text).
 pub fn status(kind: ErrorKind, code: &str, message: impl Into<String>) -> Status {
@@ -70,17 +49,10 @@ pub fn from_error(e: &Error) -> Status {
     status(e.kind(), e.code(), e.to_string())
 }
 
-/// The status of a reply that carries an error: the handler's code decides the kind (as
-/// `Client::send` decides it).
+/// The status of a reply that carries an error: its code decides the kind
+/// ([`ReplyError::kind`], as `Client::send` decides it).
 pub fn from_reply_error(e: &ReplyError) -> Status {
-    let kind = match e.code.as_str() {
-        "codec" => ErrorKind::Codec,
-        "payload_too_large" => ErrorKind::PayloadTooLarge,
-        "no_responder" => ErrorKind::NoResponder,
-        "timeout" => ErrorKind::Timeout,
-        _ => ErrorKind::Handler,
-    };
-    status(kind, &e.code, e.message.clone())
+    status(e.kind(), &e.code, e.message.clone())
 }
 
 /// A status read back into an SDK error: the trailers if the server sent them, else the
@@ -89,7 +61,7 @@ pub fn to_error(s: &Status) -> Error {
     let meta = s.metadata();
     let trailer = |key: &str| meta.get(key).and_then(|v| v.to_str().ok());
     let kind = trailer(ERROR_KIND)
-        .and_then(kind_named)
+        .and_then(ErrorKind::from_name)
         .unwrap_or(match s.code() {
             Code::DeadlineExceeded => ErrorKind::Timeout,
             Code::Unavailable | Code::Cancelled => ErrorKind::Connection,

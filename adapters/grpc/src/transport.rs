@@ -48,7 +48,8 @@ struct Inner {
     closed: CloseSignal,
     /// This transport's reply channels, by address: where a request that the server refused
     /// after `publish` returned is answered with an error reply.
-    inboxes: std::sync::Mutex<std::collections::HashMap<String, mpsc::UnboundedSender<Delivery>>>,
+    /// Sharded, as the correlator's waiters: read by every `request`, never locked whole.
+    inboxes: dashmap::DashMap<String, mpsc::UnboundedSender<Delivery>>,
     /// Bounds the requests still waiting for the server's answer (see `publish`).
     requesting: Arc<tokio::sync::Semaphore>,
 }
@@ -160,7 +161,7 @@ impl GrpcTransport {
                 caps,
                 backend: info.backend,
                 closed: CloseSignal::new(),
-                inboxes: std::sync::Mutex::default(),
+                inboxes: dashmap::DashMap::new(),
                 requesting: Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT)),
             }),
         })
@@ -177,15 +178,12 @@ impl GrpcTransport {
 
     /// The local side of inbox `address`, if it is one of this transport's and still read.
     fn inbox(&self, address: &str) -> Option<mpsc::UnboundedSender<Delivery>> {
-        let mut inboxes = self.inner.inboxes.lock().unwrap_or_else(|p| p.into_inner());
-        match inboxes.get(address) {
-            Some(tx) if !tx.is_closed() => Some(tx.clone()),
-            Some(_) => {
-                inboxes.remove(address);
-                None
-            }
-            None => None,
+        let tx = self.inner.inboxes.get(address)?.clone();
+        if tx.is_closed() {
+            self.inner.inboxes.remove(address);
+            return None;
         }
+        Some(tx)
     }
 
     /// The transport the server bridges onto (`memory`, `nats`, ...).
@@ -561,11 +559,7 @@ impl Subscriber for GrpcTransport {
             })
         });
         let (local, refused) = mpsc::unbounded_channel();
-        self.inner
-            .inboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(address.clone(), local);
+        self.inner.inboxes.insert(address.clone(), local);
         // The inbox ends when the server's stream ends (the marker `None`), though the local
         // side stays open.
         let replies = futures::stream::select(

@@ -731,18 +731,7 @@ impl Client {
 
 fn decode_reply<Resp: Decode>(reply: Envelope, adapter: &'static str) -> Result<Resp> {
     if let Some(e) = reply.error {
-        let kind = match e.code.as_str() {
-            "codec" => ErrorKind::Codec,
-            "payload_too_large" => ErrorKind::PayloadTooLarge,
-            // Synthesised by transports that learn on the reply path that the request never
-            // reached a handler (nobody serves it, the connection failed, credentials were
-            // refused): the caller gets the kind, as if the send had failed at once.
-            "no_responder" => ErrorKind::NoResponder,
-            "connection" => ErrorKind::Connection,
-            "closed" => ErrorKind::Closed,
-            "unauthenticated" => ErrorKind::Unauthenticated,
-            _ => ErrorKind::Handler,
-        };
+        let kind = e.kind();
         return Err(Error::new(kind, adapter, e.message).with_code(e.code));
     }
     Resp::decode(reply.content_type.as_deref(), reply.payload)

@@ -288,6 +288,27 @@ pub struct ReplyError {
     pub message: String,
 }
 
+impl ReplyError {
+    /// The caller's error kind for this reply error: `Handler` for a handler's own code; the
+    /// SDK's kind for the codes reserved to it, which the responder's side or a transport
+    /// sets when the request failed outside the handler (`codec`: the request did not decode;
+    /// `payload_too_large`; `timeout`: the handler did not answer in time; `no_responder`,
+    /// `connection`, `closed`, `unauthenticated`: the request never reached a handler).
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self.code.as_str() {
+            "codec" => K::Codec,
+            "payload_too_large" => K::PayloadTooLarge,
+            "timeout" => K::Timeout,
+            "no_responder" => K::NoResponder,
+            "connection" => K::Connection,
+            "closed" => K::Closed,
+            "unauthenticated" => K::Unauthenticated,
+            _ => K::Handler,
+        }
+    }
+}
+
 /// A message: payload bytes plus the metadata every transport carries.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]

@@ -45,6 +45,29 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The kind named `name` ([`ErrorKind::as_str`] read back), for errors that crossed a
+    /// process boundary as text.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        use ErrorKind as K;
+        [
+            K::Timeout,
+            K::NoResponder,
+            K::Handler,
+            K::Unauthenticated,
+            K::Unsupported,
+            K::InvalidConfig,
+            K::Connection,
+            K::Rejected,
+            K::Codec,
+            K::PayloadTooLarge,
+            K::Closed,
+            K::Overloaded,
+            K::Other,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
+
     /// The stable, machine-readable name of this kind, as used in the wire's error code header.
     pub fn as_str(self) -> &'static str {
         match self {
