@@ -1125,6 +1125,113 @@ pub async fn handler_concurrency_is_bounded(h: Harness) -> Outcome {
     Outcome::Passed
 }
 
+/// A request handler never runs more requests at once than its concurrency allows, however
+/// many `send`s wait (on the in-memory transport some run in their callers' tasks, some in the
+/// handler's own: the bound holds across both), and every caller gets its own reply.
+pub async fn request_handler_concurrency_is_bounded(h: Harness) -> Outcome {
+    let p = h.pattern("bounded-rr");
+    let limit = 3usize;
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let server = h.client().await;
+    let (nw, pk) = (now.clone(), peak.clone());
+    within(
+        "register handler",
+        server.handle_with(
+            &p,
+            HandlerOptions::new().concurrency(limit),
+            move |req: Item, _ctx| {
+                let (nw, pk) = (nw.clone(), pk.clone());
+                async move {
+                    let cur = nw.fetch_add(1, Ordering::SeqCst) + 1;
+                    pk.fetch_max(cur, Ordering::SeqCst);
+                    // Holds its place a while, so the other callers find the places taken.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    nw.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, HandlerError>(req)
+                }
+            },
+        ),
+    )
+    .await
+    .expect("handler registers");
+    let client = h.client().await;
+    let calls = (0..40u64).map(|id| {
+        let client = client.clone();
+        let p = p.clone();
+        async move {
+            let reply: Item = client
+                .send_with(&p, &item(id), &CallOptions::new().timeout(STEP))
+                .await
+                .expect("reply");
+            assert_eq!(reply.id, id, "a caller got another's reply");
+        }
+    });
+    within("40 concurrent sends", futures::future::join_all(calls)).await;
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= limit, "{peak} requests handled at once, limit {limit}");
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
+/// A caller that stops waiting (its deadline passed) does not cut its request's handler short:
+/// the handler runs to its end, and a graceful shutdown of the service waits for it.
+pub async fn handler_outlives_its_callers_timeout(h: Harness) -> Outcome {
+    let p = h.pattern("outlive");
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
+    let server = h.client().await;
+    let (g, st, fi) = (gate.clone(), started.clone(), finished.clone());
+    let service = within(
+        "register handler",
+        server.handle(&p, move |req: Item, _ctx| {
+            let (g, st, fi) = (g.clone(), st.clone(), fi.clone());
+            async move {
+                st.fetch_add(1, Ordering::SeqCst);
+                if let Ok(permit) = g.acquire().await {
+                    permit.forget();
+                }
+                fi.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(req)
+            }
+        }),
+    )
+    .await
+    .expect("handler registers");
+    let client = h.client().await;
+    let err = within(
+        "send",
+        client.send_with::<Item, Item>(
+            &p,
+            &item(1),
+            &CallOptions::new().timeout(Duration::from_millis(300)),
+        ),
+    )
+    .await
+    .expect_err("times out");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert_eq!(started.load(Ordering::SeqCst), 1, "the handler never started");
+    assert_eq!(finished.load(Ordering::SeqCst), 0, "the handler did not wait");
+    // Shutdown must wait for the handler, which is still waiting at its gate.
+    let drain = tokio::spawn(service.shutdown());
+    gate.add_permits(1);
+    within("graceful shutdown", drain)
+        .await
+        .expect("shutdown task");
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "the handler was cut short when its caller gave up"
+    );
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}
+
 /// A message with none of the SDK's metadata (no content type, no ids), as a foreign producer
 /// would send it, still reaches an event handler with its payload as-is.
 pub async fn event_without_sdk_metadata_is_delivered_as_is(h: Harness) -> Outcome {

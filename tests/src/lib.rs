@@ -343,6 +343,8 @@ macro_rules! conformance_suite {
             correlation_causation_and_trace_headers_round_trip,
             graceful_shutdown_loses_nothing,
             handler_concurrency_is_bounded,
+            request_handler_concurrency_is_bounded,
+            handler_outlives_its_callers_timeout,
             event_without_sdk_metadata_is_delivered_as_is,
             bad_input_is_a_typed_error,
             requests_waiting_at_shutdown_fail_with_closed,

@@ -27,8 +27,8 @@ use url::Url;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{
-    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Registered, Requester,
-    Route, SubscribeOptions, Subscriber, Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Delivery, DirectSlot, Inbox, NoAck, Publisher, Registered,
+    Requester, Route, SubscribeOptions, Subscriber, Subscription, Transport,
 };
 
 /// The URL scheme of the in-memory transport.
@@ -156,6 +156,8 @@ struct Queue {
     state: Mutex<QueueState>,
     notify: Notify,
     consumers: AtomicUsize,
+    /// Request handlers that take a `send` in the caller's own task while they have room.
+    direct: Arc<DirectSlot>,
 }
 
 impl Queue {
@@ -309,11 +311,12 @@ impl MemoryTransport {
         }
     }
 
-    fn queue_subscription(&self, queue: Arc<Queue>) -> Subscription {
+    fn queue_subscription(&self, queue: Arc<Queue>, direct: bool) -> Subscription {
         queue.consumers.fetch_add(1, Ordering::AcqRel);
+        let slot = direct.then(|| queue.direct.clone());
         let guard = ConsumerGuard(queue);
         let closing = self.closed.closed_registered();
-        Subscription::new(futures::stream::unfold(
+        let sub = Subscription::new(futures::stream::unfold(
             (guard, closing),
             |(guard, mut closing)| async move {
                 let queue = guard.0.clone();
@@ -328,7 +331,11 @@ impl MemoryTransport {
                 let delivery = Delivery::from_parts(env, attempt, malformed, acker);
                 Some((delivery, (guard, closing)))
             },
-        ))
+        ));
+        match slot {
+            Some(slot) => sub.with_direct(slot),
+            None => sub,
+        }
     }
 }
 
@@ -366,8 +373,7 @@ impl MemoryTransport {
         }
     }
 
-    fn route(&self, route: Route<'_>, env: Envelope, malformed: Option<String>) -> Result<()> {
-        self.check_open()?;
+    fn check_size(&self, env: &Envelope) -> Result<()> {
         if env.payload.len() > self.config.max_payload {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,
@@ -379,6 +385,24 @@ impl MemoryTransport {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// The queue of request pattern `pattern`, if a handler serves it.
+    fn request_queue(&self, pattern: &str) -> Result<Arc<Queue>> {
+        match lock(&self.bus.requests).get(pattern) {
+            Some(q) if q.consumers.load(Ordering::Acquire) > 0 => Ok(q.clone()),
+            _ => Err(Error::new(
+                ErrorKind::NoResponder,
+                NAME,
+                format!("no handler is serving `{pattern}`"),
+            )),
+        }
+    }
+
+    fn route(&self, route: Route<'_>, env: Envelope, malformed: Option<String>) -> Result<()> {
+        self.check_open()?;
+        self.check_size(&env)?;
         let env = Arc::new(env);
         let msg = |env: Arc<Envelope>| Msg {
             env,
@@ -394,19 +418,7 @@ impl MemoryTransport {
                     }
                 }
             }
-            Route::Request(pattern) => {
-                let q = lock(&self.bus.requests).get(pattern).cloned();
-                match q {
-                    Some(q) if q.consumers.load(Ordering::Acquire) > 0 => q.push(msg(env)),
-                    _ => {
-                        return Err(Error::new(
-                            ErrorKind::NoResponder,
-                            NAME,
-                            format!("no handler is serving `{pattern}`"),
-                        ));
-                    }
-                }
-            }
+            Route::Request(pattern) => self.request_queue(pattern)?.push(msg(env)),
             Route::Reply(address) if address.starts_with(CALL_PREFIX) => {
                 let waiter = address[CALL_PREFIX.len()..]
                     .parse::<u64>()
@@ -457,7 +469,8 @@ impl Subscriber for MemoryTransport {
                 ));
             }
         };
-        Ok(self.queue_subscription(queue))
+        let direct = matches!(route, Route::Request(_));
+        Ok(self.queue_subscription(queue, direct))
     }
 
     async fn open_inbox(&self, name: &str) -> Result<Inbox> {
@@ -494,8 +507,36 @@ impl Drop for CallGuard<'_> {
     }
 }
 
+/// A request handled in its caller's task. If the caller stops waiting before the handling
+/// ends (its deadline, or the transport closing), the rest runs in a task of its own: a
+/// handler is never cut off half-way because its caller gave up.
+struct Detached(Option<futures::future::BoxFuture<'static, ()>>);
+
+impl Detached {
+    async fn finish(&mut self) {
+        if let Some(handling) = self.0.as_mut() {
+            handling.await;
+            self.0 = None;
+        }
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(handling) = self.0.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(handling);
+        }
+        // Without a runtime the handling is dropped: its delivery, unsettled, goes back to
+        // the queue for the consumer task.
+    }
+}
+
 /// `send`: the request carries a reply address of its own (`_call.<n>`), and the responder's
 /// reply is handed straight to the waiting call, with no reply channel or task in between.
+/// While a handler of the pattern has a free place, it handles the request in the caller's own
+/// task (see [`crate::serve`]); otherwise the request waits in the queue for the handler's task.
 #[async_trait]
 impl Requester for MemoryTransport {
     async fn call(
@@ -504,15 +545,48 @@ impl Requester for MemoryTransport {
         mut msg: Envelope,
         deadline: tokio::time::Instant,
     ) -> Result<Envelope> {
+        self.check_open()?;
+        self.check_size(&msg)?;
+        let queue = self.request_queue(pattern)?;
         let n = self.bus.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.bus.calls.insert(n, tx);
         let _forget = CallGuard(&self.bus, n);
         msg.reply_to = Some(format!("{CALL_PREFIX}{n}"));
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-        self.route(Route::Request(pattern), msg, None)?;
+        let env = Arc::new(msg);
+        // A keyed request keeps its place in its key's order: it goes through the queue.
+        let direct = match env.key {
+            None => queue.direct.offer(|| {
+                let acker = Box::new(MemAcker {
+                    queue: queue.clone(),
+                    msg: Some(Msg {
+                        env: env.clone(),
+                        attempt: 1,
+                        malformed: None,
+                    }),
+                });
+                Delivery::from_parts(env.clone(), 1, None, acker)
+            }),
+            Some(_) => None,
+        };
+        let mut handling = Detached(direct);
+        if handling.0.is_none() {
+            queue.push(Msg {
+                env,
+                attempt: 0,
+                malformed: None,
+            });
+        } else {
+            // The delivery holds its own reference: the handler's reply may take it over.
+            drop(env);
+        }
+        let reply = async {
+            handling.finish().await;
+            rx.await
+        };
         tokio::select! {
-            r = tokio::time::timeout_at(deadline, rx) => match r {
+            r = tokio::time::timeout_at(deadline, reply) => match r {
                 Ok(Ok(reply)) => Ok(Arc::unwrap_or_clone(reply)),
                 Ok(Err(_)) => Err(Error::closed(NAME)),
                 Err(_) => Err(Error::timeout(NAME, timeout)),

@@ -7,6 +7,10 @@
 //! then the dead-letter destination with the reason. Requests whose deadline has passed are
 //! dropped before their handler runs. Shutdown stops taking deliveries and waits for those in
 //! hand; nothing unfinished is acknowledged.
+//!
+//! Where the transport offers it (the in-memory transport's requests), a request handler also
+//! takes requests directly in the sender's own task while it has a free place: the same
+//! handling, the same bound on concurrency, without the hand-over to the consumer task and back.
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -30,7 +34,8 @@ use crate::envelope::{Envelope, ReplyError};
 use crate::error::{Error, ErrorKind, HandlerError, Result};
 use crate::stats::Counters;
 use crate::transport::{
-    Acker, CloseSignal, Delivery, Route, SubscribeOptions, Subscription, owned,
+    Acker, CloseSignal, Delivery, Direct, DirectRegistration, Route, SubscribeOptions,
+    Subscription, owned,
 };
 
 /// Backoff between attempts: exponential from `initial`, capped at `max`, with jitter (each
@@ -411,9 +416,17 @@ impl Client {
             group,
             opts,
             handler,
+            places: Places::default(),
         });
+        let direct = match (kind, sub.direct()) {
+            (Kind::Request, Some(slot)) => Some(slot.register(Arc::new(DirectWorker {
+                worker: worker.clone(),
+                control: control.clone(),
+            }))),
+            _ => None,
+        };
         let c = control.clone();
-        control.tracker.spawn(consume(worker, sub, c));
+        control.tracker.spawn(consume(worker, sub, c, direct));
         control.tracker.close();
         let mut services = self
             .inner
@@ -490,12 +503,71 @@ struct Worker<H> {
     group: Option<String>,
     opts: HandlerOptions,
     handler: H,
+    places: Places,
+}
+
+/// The handler's places (its concurrency), shared by the consumer task and the deliveries run
+/// directly in their senders' tasks: a delivery is taken only with a place reserved for it.
+#[derive(Default)]
+struct Places {
+    /// Places taken, reserved or in use.
+    taken: AtomicUsize,
+    /// Signalled when a place is given back.
+    freed: tokio::sync::Notify,
+}
+
+impl Places {
+    fn try_reserve(&self, limit: usize) -> bool {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.taken.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_one();
+    }
+}
+
+/// A request handler as a direct consumer: the delivery runs in the sender's task, in a
+/// place of the handler's, and the service's drain waits for it like for its own.
+struct DirectWorker<H> {
+    worker: Arc<Worker<H>>,
+    control: ServiceControl,
+}
+
+impl<H: Handle> Direct for DirectWorker<H> {
+    fn try_reserve(&self) -> bool {
+        !self.control.cancel.is_closed()
+            && self.worker.places.try_reserve(self.worker.opts.concurrency)
+    }
+
+    fn run(self: Arc<Self>, delivery: Delivery) -> BoxFuture<'static, ()> {
+        let token = self.control.tracker.token();
+        self.control.in_flight.fetch_add(1, Ordering::AcqRel);
+        Box::pin(async move {
+            // Given back however the handling ends (finished, or dropped unfinished).
+            struct Give<'a, H>(&'a DirectWorker<H>);
+            impl<H> Drop for Give<'_, H> {
+                fn drop(&mut self) {
+                    self.0.control.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    self.0.worker.places.release();
+                }
+            }
+            let _give = Give(&self);
+            self.worker.process(delivery).await;
+            drop(token);
+        })
+    }
 }
 
 async fn consume<H: Handle>(
     worker: Arc<Worker<H>>,
     mut sub: Subscription,
     control: ServiceControl,
+    direct: Option<DirectRegistration>,
 ) {
     // The deliveries in hand run concurrently inside this one task: no task spawned and no
     // cross-task wake-up per message. A handler with CPU-heavy work can spawn its own.
@@ -505,7 +577,11 @@ async fn consume<H: Handle>(
     let mut running = FuturesUnordered::new();
     let mut spare = None;
     let limit = worker.opts.concurrency;
+    let places = &worker.places;
     let mut taking = true;
+    // A place is reserved before a delivery is taken, so the deliveries run here and those
+    // run directly in their senders' tasks never exceed the handler's concurrency together.
+    let mut reserved = false;
     // The stop is checked as a flag each turn (no lock); its future, made once for the whole
     // loop, is polled last, so it only registers for a wake-up while nothing else is ready,
     // and only once for this task (not each time the loop goes idle).
@@ -514,11 +590,19 @@ async fn consume<H: Handle>(
         if taking && control.cancel.is_closed() {
             taking = false;
         }
+        if taking && !reserved {
+            reserved = places.try_reserve(limit);
+        }
         tokio::select! {
             biased;
-            Some(_) = running.next(), if !running.is_empty() => {}
-            d = sub.next(), if taking && running.len() < limit => match d {
+            Some(_) = running.next(), if !running.is_empty() => {
+                control.in_flight.fetch_sub(1, Ordering::AcqRel);
+                places.release();
+            }
+            d = sub.next(), if taking && reserved => match d {
                 Some(d) => {
+                    reserved = false;
+                    control.in_flight.fetch_add(1, Ordering::AcqRel);
                     // Polled once here first: a handler that finishes without waiting (and
                     // its reply, taken by the transport at once) never enters the set.
                     let handling = OptionFuture::from(Some(worker.process(d)));
@@ -533,6 +617,8 @@ async fn consume<H: Handle>(
                         running.push(slot);
                     } else {
                         spare = Some(slot);
+                        control.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        places.release();
                     }
                 }
                 None => {
@@ -542,14 +628,20 @@ async fn consume<H: Handle>(
                     taking = false;
                 }
             },
+            // All places are taken (some by deliveries run directly): wait for one.
+            _ = places.freed.notified(), if taking && !reserved => {}
             _ = &mut cancelled, if taking => taking = false,
             else => {}
         }
-        control.in_flight.store(running.len(), Ordering::Release);
         if !taking && running.is_empty() {
             break;
         }
     }
+    if reserved {
+        places.release();
+    }
+    // No more direct deliveries; those already running hold the service's drain open.
+    drop(direct);
 }
 
 impl<H: Handle> Worker<H> {
@@ -784,6 +876,7 @@ mod future_size {
             group: None,
             opts: HandlerOptions::default(),
             handler,
+            places: Places::default(),
         };
         let d = Delivery::new(
             Envelope::new("p", Bytes::new()),

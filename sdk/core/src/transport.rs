@@ -308,6 +308,9 @@ impl Acker for NoAck {
 /// unsubscribes.
 pub struct Subscription {
     inner: Pin<Box<dyn Stream<Item = Delivery> + Send>>,
+    /// Where the consumer may offer to run deliveries in the sender's own task (the
+    /// in-memory transport's requests).
+    direct: Option<Arc<DirectSlot>>,
 }
 
 impl fmt::Debug for Subscription {
@@ -321,7 +324,107 @@ impl Subscription {
     pub fn new(stream: impl Stream<Item = Delivery> + Send + 'static) -> Self {
         Subscription {
             inner: Box::pin(stream),
+            direct: None,
         }
+    }
+
+    /// Lets the consumer register with `slot` to run deliveries in the sender's task.
+    pub(crate) fn with_direct(mut self, slot: Arc<DirectSlot>) -> Self {
+        self.direct = Some(slot);
+        self
+    }
+
+    /// The slot a consumer of this subscription may register with, if the transport has one.
+    pub(crate) fn direct(&self) -> Option<&Arc<DirectSlot>> {
+        self.direct.as_ref()
+    }
+}
+
+/// A consumer that can run a delivery in the task of the one who sent it, when it has room
+/// for one more: no hand-over to the consumer's task and back, and no wake-up of either.
+pub(crate) trait Direct: Send + Sync {
+    /// Takes one of the consumer's places, if it has one free and is not stopping.
+    fn try_reserve(&self) -> bool;
+
+    /// Handles `delivery` in the place taken by [`Direct::try_reserve`] (given back at the
+    /// end): the future settles the delivery and sends any reply as the consumer would.
+    fn run(self: Arc<Self>, delivery: Delivery) -> futures::future::BoxFuture<'static, ()>;
+}
+
+/// The direct consumers of one queue.
+#[derive(Default)]
+pub(crate) struct DirectSlot {
+    consumers: std::sync::RwLock<Vec<(u64, Arc<dyn Direct>)>>,
+    registered: std::sync::atomic::AtomicUsize,
+    next_id: std::sync::atomic::AtomicU64,
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+impl fmt::Debug for DirectSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectSlot")
+            .field("registered", &self.registered.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirectSlot {
+    /// Adds a consumer; it stays until the returned registration is dropped.
+    pub(crate) fn register(self: &Arc<Self>, consumer: Arc<dyn Direct>) -> DirectRegistration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.consumers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, consumer));
+        self.registered.fetch_add(1, Ordering::Release);
+        DirectRegistration {
+            slot: self.clone(),
+            id,
+        }
+    }
+
+    /// The handling of the delivery `make` builds, by the first consumer (taken in turn) with
+    /// room for it; `None` (and `make` not called) when none has.
+    pub(crate) fn offer(
+        &self,
+        make: impl FnOnce() -> Delivery,
+    ) -> Option<futures::future::BoxFuture<'static, ()>> {
+        if self.registered.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let consumers = self.consumers.read().unwrap_or_else(|p| p.into_inner());
+        let n = consumers.len();
+        let start = if n > 1 {
+            self.turn.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let chosen = (0..n)
+            .map(|i| &consumers[(start + i) % n].1)
+            .find(|c| c.try_reserve())?
+            .clone();
+        drop(consumers);
+        Some(chosen.run(make()))
+    }
+}
+
+/// Keeps a direct consumer registered; dropping it removes the consumer.
+pub(crate) struct DirectRegistration {
+    slot: Arc<DirectSlot>,
+    id: u64,
+}
+
+impl Drop for DirectRegistration {
+    fn drop(&mut self) {
+        let mut consumers = self
+            .slot
+            .consumers
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        consumers.retain(|(id, _)| *id != self.id);
+        self.slot
+            .registered
+            .store(consumers.len(), Ordering::Release);
     }
 }
 
