@@ -1169,7 +1169,10 @@ pub async fn request_handler_concurrency_is_bounded(h: Harness) -> Outcome {
     });
     within("40 concurrent sends", futures::future::join_all(calls)).await;
     let peak = peak.load(Ordering::SeqCst);
-    assert!(peak <= limit, "{peak} requests handled at once, limit {limit}");
+    assert!(
+        peak <= limit,
+        "{peak} requests handled at once, limit {limit}"
+    );
     within("shutdown", server.shutdown())
         .await
         .expect("shutdown");
@@ -1213,8 +1216,16 @@ pub async fn handler_outlives_its_callers_timeout(h: Harness) -> Outcome {
     .await
     .expect_err("times out");
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
-    assert_eq!(started.load(Ordering::SeqCst), 1, "the handler never started");
-    assert_eq!(finished.load(Ordering::SeqCst), 0, "the handler did not wait");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "the handler never started"
+    );
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        0,
+        "the handler did not wait"
+    );
     // Shutdown must wait for the handler, which is still waiting at its gate.
     let drain = tokio::spawn(service.shutdown());
     gate.add_permits(1);

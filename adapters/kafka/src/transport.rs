@@ -1,0 +1,663 @@
+//! The Kafka transport: a producer shared by every publish, a consumer per subscription in a
+//! consumer group, and a reply topic per client instance read by manual assignment.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use dashmap::DashSet;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use switchboard_core::envelope::system_time_to_millis;
+use switchboard_core::transport::{
+    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions,
+    Subscriber, Subscription, Transport,
+};
+use switchboard_core::{Envelope, Error, ErrorKind, Result};
+use tokio::sync::mpsc;
+
+use crate::{KafkaConfig, NAME};
+
+/// Header with the deliveries a message had before this copy was published (a retry).
+pub const ATTEMPT: &str = "sb-attempt";
+/// Header with the time (ms since the Unix epoch) before which a retried message is not handed
+/// to a handler.
+pub const NOT_BEFORE: &str = "sb-not-before";
+
+/// Largest record value accepted: librdkafka's default `message.max.bytes` (1 MB) less room
+/// for the headers.
+const MAX_PAYLOAD: usize = 1_000_000 - 16 * 1024;
+/// Bound on a publish when the message has no deadline of its own.
+const PUBLISH_WITHIN: Duration = Duration::from_secs(30);
+
+/// The Kafka transport.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics known to exist (created here or found).
+    topics: DashSet<String>,
+    closed: CloseSignal,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn kafka_error(context: &str, e: KafkaError) -> Error {
+    let kind = match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => ErrorKind::PayloadTooLarge,
+        Some(RDKafkaErrorCode::InvalidConfig) => ErrorKind::InvalidConfig,
+        _ => ErrorKind::Connection,
+    };
+    Error::new(kind, NAME, format!("{context}: {e}")).with_source(e)
+}
+
+impl KafkaTransport {
+    /// Connects: checks that a broker answers within the connect timeout.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for settings librdkafka refuses, `Connection` if no broker answers.
+    pub async fn connect(cfg: KafkaConfig) -> Result<Self> {
+        let mut pc = cfg.client_config();
+        pc.set("acks", "all").set("linger.ms", "5");
+        let producer: FutureProducer = pc
+            .create()
+            .map_err(|e| kafka_error("creating the producer", e))?;
+        let admin: AdminClient<DefaultClientContext> = cfg
+            .client_config()
+            .create()
+            .map_err(|e| kafka_error("creating the admin client", e))?;
+        let probe = producer.clone();
+        let within = cfg.connect_timeout;
+        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, within))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connection, NAME, e.to_string()))?
+            .map_err(|e| {
+                kafka_error(
+                    &format!("no broker of {} answered", cfg.brokers.join(",")),
+                    e,
+                )
+            })?;
+        Ok(KafkaTransport {
+            inner: Arc::new(Inner {
+                cfg,
+                producer,
+                admin,
+                topics: DashSet::new(),
+                closed: CloseSignal::new(),
+            }),
+        })
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.cfg
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.is_closed() {
+            Err(Error::closed(NAME))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Creates `topic` with `partitions` if it does not exist yet.
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        if self.inner.topics.contains(topic) {
+            return Ok(());
+        }
+        let new = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(self.inner.cfg.replication),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(self.inner.cfg.connect_timeout));
+        let results = self
+            .inner
+            .admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|e| kafka_error(&format!("creating topic `{topic}`"), e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        NAME,
+                        format!("creating topic `{t}`: {code}"),
+                    ));
+                }
+            }
+        }
+        self.inner.topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    fn topic_of(&self, route: Route<'_>) -> String {
+        let cfg = &self.inner.cfg;
+        match route {
+            Route::Event(p) => cfg.name("evt", p),
+            Route::Request(p) => cfg.name("req", p),
+            Route::DeadLetter(p) => cfg.name("dlq", p),
+            Route::Reply(address) => address.to_owned(),
+        }
+    }
+
+    /// Produces one record and waits for the broker's acknowledgement.
+    async fn produce(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        headers: OwnedHeaders,
+        payload: &[u8],
+        within: Duration,
+    ) -> Result<()> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                NAME,
+                format!(
+                    "payload of {} bytes exceeds the limit of {MAX_PAYLOAD} bytes",
+                    payload.len()
+                ),
+            ));
+        }
+        let mut record = FutureRecord::<str, [u8]>::to(topic)
+            .payload(payload)
+            .headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        self.inner
+            .producer
+            .send(record, Timeout::After(within))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kafka_error(&format!("publishing to `{topic}`"), e))
+    }
+
+    fn consumer(&self, group: &str) -> Result<(GroupConsumer, tokio::sync::watch::Receiver<bool>)> {
+        let cfg = &self.inner.cfg;
+        let mut c = cfg.client_config();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.commit.interval.ms",
+                cfg.commit_interval.as_millis().to_string(),
+            )
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", cfg.fetch_wait.as_millis().to_string())
+            .set("enable.partition.eof", "false");
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let consumer = c
+            .create_with_context(Joined(tx))
+            .map_err(|e| kafka_error(&format!("creating a consumer in group `{group}`"), e))?;
+        Ok((consumer, rx))
+    }
+}
+
+/// Tells when the group first gave this member its partitions (none is an answer too).
+struct Joined(tokio::sync::watch::Sender<bool>);
+
+impl ClientContext for Joined {}
+
+impl ConsumerContext for Joined {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if matches!(rebalance, Rebalance::Assign(_)) {
+            self.0.send_replace(true);
+        }
+    }
+}
+
+type GroupConsumer = StreamConsumer<Joined>;
+
+/// Offsets handed out and not yet settled, per partition: the committed position of a
+/// partition is its lowest unsettled offset, so nothing unhandled is ever committed past.
+#[derive(Default)]
+struct Offsets {
+    pending: HashMap<i32, (BTreeSet<i64>, i64)>,
+}
+
+impl Offsets {
+    fn taken(&mut self, partition: i32, offset: i64) {
+        let e = self
+            .pending
+            .entry(partition)
+            .or_insert((BTreeSet::new(), -1));
+        e.0.insert(offset);
+        e.1 = e.1.max(offset);
+    }
+
+    /// Marks `offset` settled; returns the position that may now be committed.
+    fn settled(&mut self, partition: i32, offset: i64) -> Option<i64> {
+        let e = self.pending.get_mut(&partition)?;
+        e.0.remove(&offset);
+        Some(e.0.first().copied().unwrap_or(e.1 + 1))
+    }
+}
+
+/// What a subscription's deliveries share: the consumer (to store offsets) and its offsets.
+struct Shared {
+    transport: KafkaTransport,
+    consumer: Arc<GroupConsumer>,
+    topic: String,
+    offsets: Mutex<Offsets>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing a consumer (leaving its group, committing) blocks, for seconds on some
+        // brokers: the last reference is let go on a thread of its own, not on the runtime.
+        let consumer = self.consumer.clone();
+        std::thread::spawn(move || drop(consumer));
+    }
+}
+
+impl Shared {
+    fn settle(&self, partition: i32, offset: i64) {
+        let point = self
+            .offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settled(partition, offset);
+        if let Some(point) = point
+            && let Err(e) = self.consumer.store_offset(&self.topic, partition, point)
+        {
+            // The partition went to another member (a rebalance): it reads from the last
+            // committed position, so this message may come again there. At-least-once.
+            tracing::debug!(topic = %self.topic, partition, error = %e, "offset not stored");
+        }
+    }
+}
+
+/// Settles one record: ack stores its offset; nack publishes a copy with the attempt count
+/// and a not-before time (the partition is not held up), then stores the offset.
+struct KafkaAcker {
+    shared: Arc<Shared>,
+    partition: i32,
+    offset: i64,
+    attempt: u32,
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    payload: Bytes,
+    settled: bool,
+}
+
+impl KafkaAcker {
+    async fn retry(&mut self, delay: Duration) -> Result<()> {
+        let not_before = system_time_to_millis(SystemTime::now() + delay);
+        let mut h = OwnedHeaders::new_with_capacity(self.headers.len() + 2);
+        for (k, v) in &self.headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let attempt = self.attempt.to_string();
+        let not_before = not_before.to_string();
+        h = h
+            .insert(Header {
+                key: ATTEMPT,
+                value: Some(attempt.as_bytes()),
+            })
+            .insert(Header {
+                key: NOT_BEFORE,
+                value: Some(not_before.as_bytes()),
+            });
+        self.shared
+            .transport
+            .produce(
+                &self.shared.topic,
+                self.key.as_deref(),
+                h,
+                &self.payload,
+                PUBLISH_WITHIN,
+            )
+            .await
+    }
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.settled = true;
+        self.shared.settle(self.partition, self.offset);
+        Ok(())
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
+        self.settled = true;
+        self.retry(delay).await?;
+        self.shared.settle(self.partition, self.offset);
+        Ok(())
+    }
+}
+
+impl Drop for KafkaAcker {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        // Dropped unsettled (a consumer that stopped mid-way): the record goes back as a retry
+        // due at once, and only then is its offset released. Without a runtime its offset
+        // stays uncommitted: the group reads it again after a restart.
+        let mut again = KafkaAcker {
+            shared: self.shared.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            attempt: self.attempt,
+            key: self.key.take(),
+            headers: std::mem::take(&mut self.headers),
+            payload: self.payload.clone(),
+            settled: true,
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if again.retry(Duration::ZERO).await.is_ok() {
+                    again.shared.settle(again.partition, again.offset);
+                }
+            });
+        }
+    }
+}
+
+/// The string headers of a record; `Err` names one that is not UTF-8.
+fn string_headers(msg: &impl Message) -> std::result::Result<Vec<(String, String)>, String> {
+    let Some(hs) = msg.headers() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(hs.count());
+    for h in hs.iter() {
+        let value = match h.value {
+            Some(v) => std::str::from_utf8(v)
+                .map_err(|_| format!("header `{}` is not UTF-8", h.key))?
+                .to_owned(),
+            None => String::new(),
+        };
+        out.push((h.key.to_owned(), value));
+    }
+    Ok(out)
+}
+
+/// Reads a record into a delivery (malformed if its headers do not parse).
+fn delivery_of(
+    headers: &[(String, String)],
+    bad_headers: Option<String>,
+    payload: Bytes,
+    pattern: &str,
+    attempt: u32,
+    acker: Box<dyn Acker>,
+) -> Delivery {
+    let pairs = headers
+        .iter()
+        .filter(|(k, _)| k != ATTEMPT && k != NOT_BEFORE)
+        .map(|(k, v)| (k.as_str(), v.as_str()));
+    Delivery::read(
+        pairs,
+        payload,
+        pattern,
+        None,
+        attempt,
+        acker,
+        |_, malformed| {
+            if let Some(reason) = bad_headers {
+                *malformed = Some(reason);
+            }
+        },
+    )
+}
+
+fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[async_trait]
+impl Publisher for KafkaTransport {
+    async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
+        self.check_open()?;
+        let topic = self.topic_of(route);
+        if !matches!(route, Route::Reply(_)) {
+            self.ensure_topic(&topic, self.inner.cfg.partitions).await?;
+        }
+        let mut h = OwnedHeaders::new_with_capacity(10);
+        for (k, v) in msg.to_headers() {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let within = msg
+            .time_left()
+            .filter(|d| !d.is_zero())
+            .unwrap_or(PUBLISH_WITHIN);
+        self.produce(&topic, msg.key.as_deref(), h, &msg.payload, within)
+            .await
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaTransport {
+    async fn subscribe(&self, route: Route<'_>, opts: SubscribeOptions) -> Result<Subscription> {
+        self.check_open()?;
+        let cfg = &self.inner.cfg;
+        let (pattern, group) = match route {
+            Route::Event(p) => {
+                let group = opts.group.as_deref().ok_or_else(|| {
+                    Error::invalid_config(
+                        NAME,
+                        format!("subscribing to events on `{p}` needs a consumer group"),
+                    )
+                })?;
+                (p, cfg.name("grp", &format!("{group}.evt.{p}")))
+            }
+            Route::Request(p) => (p, cfg.name("grp", &format!("req.{p}"))),
+            Route::DeadLetter(p) => (p, cfg.name("grp", &format!("dlq.{p}"))),
+            Route::Reply(address) => {
+                return Err(Error::invalid_config(
+                    NAME,
+                    format!("reply address `{address}` is read through open_inbox"),
+                ));
+            }
+        };
+        let topic = self.topic_of(route);
+        self.ensure_topic(&topic, cfg.partitions).await?;
+        let (consumer, mut joined) = self.consumer(&group)?;
+        let consumer = Arc::new(consumer);
+        consumer
+            .subscribe(&[topic.as_str()])
+            .map_err(|e| kafka_error(&format!("subscribing to `{topic}`"), e))?;
+        let shared = Arc::new(Shared {
+            transport: self.clone(),
+            consumer: consumer.clone(),
+            topic,
+            offsets: Mutex::new(Offsets::default()),
+        });
+        let (tx, rx) = mpsc::channel(opts.prefetch.max(1));
+        let pattern = pattern.to_owned();
+        let closed = self.inner.closed.clone();
+        tokio::spawn(read_group(shared, pattern, tx, closed));
+        // A handler is reachable once this returns: wait for the group to hand this member
+        // its partitions (reading from the group's committed position, or the start).
+        let within = cfg.connect_timeout.max(Duration::from_secs(30));
+        match tokio::time::timeout(within, joined.wait_for(|j| *j)).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    NAME,
+                    format!("group `{group}` gave this member no partitions within {within:?}"),
+                ));
+            }
+        }
+        Ok(Subscription::new(tokio_stream(rx)))
+    }
+
+    async fn open_inbox(&self, name: &str) -> Result<Inbox> {
+        self.check_open()?;
+        let topic = self.inner.cfg.name("reply", name);
+        self.ensure_topic(&topic, 1).await?;
+        // Read by assignment, not by a group: no join, no rebalance, the topic is this
+        // instance's alone. librdkafka still wants a group id.
+        let (consumer, _) = self.consumer(&topic)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .map_err(|e| kafka_error("assigning the reply topic", e))?;
+        consumer
+            .assign(&tpl)
+            .map_err(|e| kafka_error(&format!("reading `{topic}`"), e))?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let closed = self.inner.closed.clone();
+        let fallback = topic.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    () = closed.closed() => return,
+                    m = consumer.recv() => m,
+                };
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!(topic = %fallback, error = %e, "reading replies");
+                        continue;
+                    }
+                };
+                let (headers, bad) = match string_headers(&msg) {
+                    Ok(h) => (h, None),
+                    Err(reason) => (Vec::new(), Some(reason)),
+                };
+                let payload = Bytes::copy_from_slice(msg.payload().unwrap_or_default());
+                let d = delivery_of(&headers, bad, payload, &fallback, 1, Box::new(NoAck));
+                if tx.send(d).is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(Inbox::new(topic, Subscription::new(stream)))
+    }
+}
+
+fn tokio_stream(mut rx: mpsc::Receiver<Delivery>) -> impl futures::Stream<Item = Delivery> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// The reader of one group subscription: records become deliveries; a retry not yet due waits
+/// in a task of its own, so the records behind it are not held up.
+async fn read_group(
+    shared: Arc<Shared>,
+    pattern: String,
+    tx: mpsc::Sender<Delivery>,
+    closed: CloseSignal,
+) {
+    loop {
+        let msg = tokio::select! {
+            () = closed.closed() => return,
+            () = tx.closed() => return,
+            m = shared.consumer.recv() => m,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(topic = %shared.topic, error = %e, "consuming");
+                continue;
+            }
+        };
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let (headers, bad) = match string_headers(&msg) {
+            Ok(h) => (h, None),
+            Err(reason) => (Vec::new(), Some(reason)),
+        };
+        let payload = Bytes::copy_from_slice(msg.payload().unwrap_or_default());
+        let key = msg
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map(str::to_owned);
+        drop(msg);
+        let before: u32 = header_value(&headers, ATTEMPT)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let not_before = header_value(&headers, NOT_BEFORE)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        shared
+            .offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .taken(partition, offset);
+        let attempt = before + 1;
+        let acker = Box::new(KafkaAcker {
+            shared: shared.clone(),
+            partition,
+            offset,
+            attempt,
+            key,
+            headers: headers.clone(),
+            payload: payload.clone(),
+            settled: false,
+        });
+        let d = delivery_of(&headers, bad, payload, &pattern, attempt, acker);
+        let wait = not_before.and_then(|t| t.duration_since(SystemTime::now()).ok());
+        match wait {
+            Some(wait) if !wait.is_zero() => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(d).await;
+                });
+            }
+            _ => {
+                if tx.send(d).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(MAX_PAYLOAD)
+            .redelivery_on_nack(true)
+            .durable(true)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.close();
+        let producer = self.inner.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(PUBLISH_WITHIN)))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connection, NAME, e.to_string()))?
+            .map_err(|e| kafka_error("flushing the producer", e))
+    }
+}

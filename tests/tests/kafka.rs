@@ -1,0 +1,60 @@
+//! The conformance suite on Kafka, against the Kafka-API broker at `SB_KAFKA_URL` (default
+//! `kafka://127.0.0.1:9092?fetch_wait_ms=5`; `scripts/test` starts tansu there if needed).
+//!
+//! `fetch_wait_ms=5`: tansu holds every fetch until `fetch.wait.max.ms` passes, even with
+//! records waiting (Apache Kafka answers as soon as there are), so a hop would cost the
+//! adapter's default 100 ms there.
+
+#![cfg(feature = "kafka")]
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use switchboard_conformance::Harness;
+
+fn url() -> String {
+    std::env::var("SB_KAFKA_URL")
+        .unwrap_or_else(|_| "kafka://127.0.0.1:9092?fetch_wait_ms=5".into())
+}
+
+async fn harness() -> Harness {
+    let url = url();
+    let cfg = switchboard_kafka::KafkaConfig::from_url(&url::Url::parse(&url).expect("URL"))
+        .expect("config");
+    // The foreign producer: plain rdkafka, string headers, the adapter's topic naming.
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cfg.brokers.join(","))
+        .create()
+        .expect("a plain rdkafka producer");
+    let prefix = cfg.prefix.clone();
+    Harness::connecting_to("kafka", url)
+        .await
+        .foreign_producer(move |pattern, headers, payload| {
+            let producer = producer.clone();
+            let topic = format!("{prefix}.evt.{pattern}");
+            async move {
+                let mut h = OwnedHeaders::new();
+                for (k, v) in &headers {
+                    h = h.insert(Header {
+                        key: k.as_str(),
+                        value: Some(v.as_bytes()),
+                    });
+                }
+                let record = FutureRecord::<str, [u8]>::to(&topic)
+                    .payload(&payload[..])
+                    .headers(h);
+                producer
+                    .send(record, std::time::Duration::from_secs(10))
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| {
+                        switchboard::Error::new(
+                            switchboard::ErrorKind::Connection,
+                            "kafka",
+                            e.to_string(),
+                        )
+                    })
+            }
+        })
+}
+
+switchboard_conformance::conformance_suite!(harness().await);
