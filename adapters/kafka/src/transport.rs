@@ -300,7 +300,8 @@ struct KafkaAcker {
     offset: i64,
     attempt: u32,
     key: Option<String>,
-    headers: Vec<(String, String)>,
+    /// The record's headers as received, shared with nothing else after the delivery is read.
+    headers: Arc<[(String, String)]>,
     payload: Bytes,
     settled: bool,
 }
@@ -309,7 +310,8 @@ impl KafkaAcker {
     async fn retry(&mut self, delay: Duration) -> Result<()> {
         let not_before = system_time_to_millis(SystemTime::now() + delay);
         let mut h = OwnedHeaders::new_with_capacity(self.headers.len() + 2);
-        for (k, v) in &self.headers {
+        // The copy carries the record's headers but its own attempt count and due time.
+        for (k, v) in self.headers.iter().filter(|(k, _)| !is_retry_header(k)) {
             h = h.insert(Header {
                 key: k,
                 value: Some(v.as_bytes()),
@@ -369,7 +371,7 @@ impl Drop for KafkaAcker {
             offset: self.offset,
             attempt: self.attempt,
             key: self.key.take(),
-            headers: std::mem::take(&mut self.headers),
+            headers: self.headers.clone(),
             payload: self.payload.clone(),
             settled: true,
         };
@@ -380,6 +382,56 @@ impl Drop for KafkaAcker {
                 }
             });
         }
+    }
+}
+
+fn is_retry_header(name: &str) -> bool {
+    name == ATTEMPT || name == NOT_BEFORE
+}
+
+/// What a reader takes out of a record before letting it go.
+struct Record {
+    headers: Arc<[(String, String)]>,
+    /// Why the headers could not be read (then `headers` is empty).
+    bad_headers: Option<String>,
+    payload: Bytes,
+}
+
+impl Record {
+    fn of(msg: &impl Message) -> Self {
+        let (headers, bad_headers) = match string_headers(msg) {
+            Ok(h) => (h.into(), None),
+            Err(reason) => (Arc::from([]), Some(reason)),
+        };
+        Record {
+            headers,
+            bad_headers,
+            payload: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
+        }
+    }
+
+    /// The delivery of this record (malformed if its headers do not parse), without the
+    /// transport's own retry headers.
+    fn delivery(&self, pattern: &str, attempt: u32, acker: Box<dyn Acker>) -> Delivery {
+        let pairs = self
+            .headers
+            .iter()
+            .filter(|(k, _)| !is_retry_header(k))
+            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let bad = self.bad_headers.clone();
+        Delivery::read(
+            pairs,
+            self.payload.clone(),
+            pattern,
+            None,
+            attempt,
+            acker,
+            |_, malformed| {
+                if let Some(reason) = bad {
+                    *malformed = Some(reason);
+                }
+            },
+        )
     }
 }
 
@@ -399,34 +451,6 @@ fn string_headers(msg: &impl Message) -> std::result::Result<Vec<(String, String
         out.push((h.key.to_owned(), value));
     }
     Ok(out)
-}
-
-/// Reads a record into a delivery (malformed if its headers do not parse).
-fn delivery_of(
-    headers: &[(String, String)],
-    bad_headers: Option<String>,
-    payload: Bytes,
-    pattern: &str,
-    attempt: u32,
-    acker: Box<dyn Acker>,
-) -> Delivery {
-    let pairs = headers
-        .iter()
-        .filter(|(k, _)| k != ATTEMPT && k != NOT_BEFORE)
-        .map(|(k, v)| (k.as_str(), v.as_str()));
-    Delivery::read(
-        pairs,
-        payload,
-        pattern,
-        None,
-        attempt,
-        acker,
-        |_, malformed| {
-            if let Some(reason) = bad_headers {
-                *malformed = Some(reason);
-            }
-        },
-    )
 }
 
 fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -498,7 +522,7 @@ impl Subscriber for KafkaTransport {
             topic,
             offsets: Mutex::new(Offsets::default()),
         });
-        let (tx, rx) = mpsc::channel(opts.prefetch.max(1));
+        let (tx, mut rx) = mpsc::channel(opts.prefetch.max(1));
         let pattern = pattern.to_owned();
         let closed = self.inner.closed.clone();
         tokio::spawn(read_group(shared, pattern, tx, closed));
@@ -515,7 +539,8 @@ impl Subscriber for KafkaTransport {
                 ));
             }
         }
-        Ok(Subscription::new(tokio_stream(rx)))
+        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        Ok(Subscription::new(stream))
     }
 
     async fn open_inbox(&self, name: &str) -> Result<Inbox> {
@@ -547,12 +572,7 @@ impl Subscriber for KafkaTransport {
                         continue;
                     }
                 };
-                let (headers, bad) = match string_headers(&msg) {
-                    Ok(h) => (h, None),
-                    Err(reason) => (Vec::new(), Some(reason)),
-                };
-                let payload = Bytes::copy_from_slice(msg.payload().unwrap_or_default());
-                let d = delivery_of(&headers, bad, payload, &fallback, 1, Box::new(NoAck));
+                let d = Record::of(&msg).delivery(&fallback, 1, Box::new(NoAck));
                 if tx.send(d).is_err() {
                     return;
                 }
@@ -561,10 +581,6 @@ impl Subscriber for KafkaTransport {
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(Inbox::new(topic, Subscription::new(stream)))
     }
-}
-
-fn tokio_stream(mut rx: mpsc::Receiver<Delivery>) -> impl futures::Stream<Item = Delivery> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// The reader of one group subscription: records become deliveries; a retry not yet due waits
@@ -589,20 +605,16 @@ async fn read_group(
             }
         };
         let (partition, offset) = (msg.partition(), msg.offset());
-        let (headers, bad) = match string_headers(&msg) {
-            Ok(h) => (h, None),
-            Err(reason) => (Vec::new(), Some(reason)),
-        };
-        let payload = Bytes::copy_from_slice(msg.payload().unwrap_or_default());
+        let record = Record::of(&msg);
         let key = msg
             .key()
             .and_then(|k| std::str::from_utf8(k).ok())
             .map(str::to_owned);
         drop(msg);
-        let before: u32 = header_value(&headers, ATTEMPT)
+        let before: u32 = header_value(&record.headers, ATTEMPT)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let not_before = header_value(&headers, NOT_BEFORE)
+        let not_before = header_value(&record.headers, NOT_BEFORE)
             .and_then(|v| v.parse::<u64>().ok())
             .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
         shared
@@ -617,11 +629,11 @@ async fn read_group(
             offset,
             attempt,
             key,
-            headers: headers.clone(),
-            payload: payload.clone(),
+            headers: record.headers.clone(),
+            payload: record.payload.clone(),
             settled: false,
         });
-        let d = delivery_of(&headers, bad, payload, &pattern, attempt, acker);
+        let d = record.delivery(&pattern, attempt, acker);
         let wait = not_before.and_then(|t| t.duration_since(SystemTime::now()).ok());
         match wait {
             Some(wait) if !wait.is_zero() => {

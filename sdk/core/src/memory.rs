@@ -570,17 +570,17 @@ impl Requester for MemoryTransport {
             }),
             Some(_) => None,
         };
-        let mut handling = Detached(direct);
-        if handling.0.is_none() {
-            queue.push(Msg {
-                env,
-                attempt: 0,
-                malformed: None,
-            });
-        } else {
-            // The delivery holds its own reference: the handler's reply may take it over.
-            drop(env);
-        }
+        let mut handling = match direct {
+            Some(handling) => Detached(Some(handling)),
+            None => {
+                queue.push(Msg {
+                    env,
+                    attempt: 0,
+                    malformed: None,
+                });
+                Detached(None)
+            }
+        };
         let reply = async {
             handling.finish().await;
             rx.await

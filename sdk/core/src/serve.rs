@@ -512,7 +512,8 @@ struct Worker<H> {
 struct Places {
     /// Places taken, reserved or in use.
     taken: AtomicUsize,
-    /// Signalled when a place is given back.
+    /// Signalled when a delivery run directly gives its place back (the consumer task sees
+    /// its own deliveries end).
     freed: tokio::sync::Notify,
 }
 
@@ -525,8 +526,15 @@ impl Places {
             .is_ok()
     }
 
+    /// Gives a place back, from the consumer task.
     fn release(&self) {
         self.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Gives a place back from a delivery run directly, waking the consumer task if it waits
+    /// for one.
+    fn release_direct(&self) {
+        self.release();
         self.freed.notify_one();
     }
 }
@@ -553,7 +561,7 @@ impl<H: Handle> Direct for DirectWorker<H> {
             impl<H> Drop for Give<'_, H> {
                 fn drop(&mut self) {
                     self.0.control.in_flight.fetch_sub(1, Ordering::AcqRel);
-                    self.0.worker.places.release();
+                    self.0.worker.places.release_direct();
                 }
             }
             let _give = Give(&self);
