@@ -22,6 +22,8 @@ use crate::NAME;
 /// | `replication` | replication factor of the topics the transport creates | `1` |
 /// | `fetch_wait_ms` | longest a fetch waits for records (`fetch.wait.max.ms`) | `100` |
 /// | `commit_interval_ms` | how often handled offsets are committed | `200` |
+/// | `linger_ms` | how long the producer waits to fill a batch (`linger.ms`) | `5` |
+/// | `batch_records` | most records in one produce batch (`batch.num.messages`) | `10000` |
 /// | `security_protocol` | `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl` | `plaintext`, or `sasl_plaintext` with credentials |
 /// | `sasl_mechanism` | `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` | `PLAIN` |
 /// | `ssl_ca` | PEM file of the CA to trust | system roots |
@@ -56,6 +58,10 @@ pub struct KafkaConfig {
     pub fetch_wait: Duration,
     /// Offset commit interval.
     pub commit_interval: Duration,
+    /// `linger.ms` of the producer.
+    pub linger: Duration,
+    /// `batch.num.messages` of the producer.
+    pub batch_records: usize,
     /// Bound on connecting.
     pub connect_timeout: Duration,
     /// `client.id`.
@@ -74,6 +80,8 @@ impl fmt::Debug for KafkaConfig {
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
             .field("fetch_wait", &self.fetch_wait)
+            .field("linger", &self.linger)
+            .field("batch_records", &self.batch_records)
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +100,8 @@ impl Default for KafkaConfig {
             replication: 1,
             fetch_wait: Duration::from_millis(100),
             commit_interval: Duration::from_millis(200),
+            linger: Duration::from_millis(5),
+            batch_records: 10_000,
             connect_timeout: Duration::from_secs(5),
             client_id: "switchboard".to_owned(),
         }
@@ -105,6 +115,8 @@ const KNOWN: &[&str] = &[
     "replication",
     "fetch_wait_ms",
     "commit_interval_ms",
+    "linger_ms",
+    "batch_records",
     "security_protocol",
     "sasl_mechanism",
     "ssl_ca",
@@ -143,6 +155,8 @@ impl KafkaConfig {
                 "replication" => cfg.replication = small_count(&k, &v)?,
                 "fetch_wait_ms" => cfg.fetch_wait = millis_or_zero(&k, &v)?,
                 "commit_interval_ms" => cfg.commit_interval = parse_millis(NAME, &k, &v)?,
+                "linger_ms" => cfg.linger = millis_or_zero(&k, &v)?,
+                "batch_records" => cfg.batch_records = parse_count(NAME, &k, &v)?.max(1),
                 "security_protocol" => {
                     let p = v.to_ascii_lowercase();
                     if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&p.as_str()) {
@@ -270,7 +284,7 @@ mod tests {
 
     #[test]
     fn reads_brokers_credentials_and_options() {
-        let c = parse("kafka://ada:s%40cret@10.0.0.1:9093?nodes=10.0.0.2:9092&partitions=6&fetch_wait_ms=0&timeout_ms=100")
+        let c = parse("kafka://ada:s%40cret@10.0.0.1:9093?nodes=10.0.0.2:9092&partitions=6&fetch_wait_ms=0&batch_records=1&timeout_ms=100")
             .expect("parses");
         assert_eq!(c.brokers, ["10.0.0.1:9093", "10.0.0.2:9092"]);
         assert_eq!(c.user.as_deref(), Some("ada"));
@@ -278,6 +292,7 @@ mod tests {
         assert_eq!(c.security_protocol, "sasl_plaintext");
         assert_eq!(c.partitions, 6);
         assert_eq!(c.fetch_wait, Duration::ZERO);
+        assert_eq!(c.batch_records, 1);
         let shown = format!("{c:?}");
         assert!(
             !shown.contains("s@cret") && shown.contains("***"),

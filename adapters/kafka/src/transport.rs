@@ -78,7 +78,9 @@ impl KafkaTransport {
     /// `InvalidConfig` for settings librdkafka refuses, `Connection` if no broker answers.
     pub async fn connect(cfg: KafkaConfig) -> Result<Self> {
         let mut pc = cfg.client_config();
-        pc.set("acks", "all").set("linger.ms", "5");
+        pc.set("acks", "all")
+            .set("linger.ms", cfg.linger.as_millis().to_string())
+            .set("batch.num.messages", cfg.batch_records.to_string());
         let producer: FutureProducer = pc
             .create()
             .map_err(|e| kafka_error("creating the producer", e))?;
@@ -237,24 +239,34 @@ type GroupConsumer = StreamConsumer<Joined>;
 /// partition is its lowest unsettled offset, so nothing unhandled is ever committed past.
 #[derive(Default)]
 struct Offsets {
-    pending: HashMap<i32, (BTreeSet<i64>, i64)>,
+    partitions: HashMap<i32, Partition>,
+}
+
+#[derive(Default)]
+struct Partition {
+    pending: BTreeSet<i64>,
+    /// Highest offset handed out.
+    top: i64,
+    /// Position last stored for commit (the next offset to read).
+    stored: i64,
 }
 
 impl Offsets {
     fn taken(&mut self, partition: i32, offset: i64) {
-        let e = self
-            .pending
-            .entry(partition)
-            .or_insert((BTreeSet::new(), -1));
-        e.0.insert(offset);
-        e.1 = e.1.max(offset);
+        let p = self.partitions.entry(partition).or_default();
+        p.pending.insert(offset);
+        p.top = p.top.max(offset);
     }
 
-    /// Marks `offset` settled; returns the position that may now be committed.
+    /// Marks `offset` settled; returns the position to store when it moved forward.
     fn settled(&mut self, partition: i32, offset: i64) -> Option<i64> {
-        let e = self.pending.get_mut(&partition)?;
-        e.0.remove(&offset);
-        Some(e.0.first().copied().unwrap_or(e.1 + 1))
+        let p = self.partitions.get_mut(&partition)?;
+        p.pending.remove(&offset);
+        let point = p.pending.first().copied().unwrap_or(p.top + 1);
+        (point > p.stored).then(|| {
+            p.stored = point;
+            point
+        })
     }
 }
 
@@ -282,9 +294,16 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .settled(partition, offset);
-        if let Some(point) = point
-            && let Err(e) = self.consumer.store_offset(&self.topic, partition, point)
-        {
+        let Some(point) = point else {
+            return;
+        };
+        // The position to commit is the next offset to read. (`store_offset`, librdkafka's
+        // older call, would commit one past the offset given.)
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        let stored = tpl
+            .add_partition_offset(&self.topic, partition, Offset::Offset(point))
+            .and_then(|()| self.consumer.store_offsets(&tpl));
+        if let Err(e) = stored {
             // The partition went to another member (a rebalance): it reads from the last
             // committed position, so this message may come again there. At-least-once.
             tracing::debug!(topic = %self.topic, partition, error = %e, "offset not stored");
@@ -671,5 +690,26 @@ impl Transport for KafkaTransport {
             .await
             .map_err(|e| Error::new(ErrorKind::Connection, NAME, e.to_string()))?
             .map_err(|e| kafka_error("flushing the producer", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored position is the next offset to read and never passes an unsettled record,
+    /// whatever order records are settled in; it is stored only when it moves.
+    #[test]
+    fn the_commit_position_stops_at_the_lowest_unsettled_record() {
+        let mut o = Offsets::default();
+        for offset in 0..3 {
+            o.taken(0, offset);
+        }
+        o.taken(1, 7);
+        assert_eq!(o.settled(0, 1), None, "offset 0 is still out");
+        assert_eq!(o.settled(0, 0), Some(2));
+        assert_eq!(o.settled(0, 2), Some(3));
+        assert_eq!(o.settled(1, 7), Some(8));
+        assert_eq!(o.settled(2, 0), None, "a partition never handed out");
     }
 }
