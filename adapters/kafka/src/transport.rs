@@ -1,7 +1,7 @@
 //! The Kafka transport: a producer shared by every publish, a consumer per subscription in a
 //! consumer group, and a reply topic per client instance read by manual assignment.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -270,12 +270,20 @@ impl Offsets {
     }
 }
 
-/// What a subscription's deliveries share: the consumer (to store offsets) and its offsets.
+/// What a subscription's deliveries share: the consumer (to store offsets), its offsets, and
+/// the lines of keyed deliveries waiting for an earlier one with the same key.
 struct Shared {
     transport: KafkaTransport,
     consumer: Arc<GroupConsumer>,
     topic: String,
+    pattern: String,
     offsets: Mutex<Offsets>,
+    /// Keys with a delivery out (handed to the handler or waiting for its retry), each with
+    /// the deliveries of that key read since, in partition order.
+    lines: Mutex<HashMap<String, VecDeque<Delivery>>>,
+    /// Deliveries for the reader to hand out next: a keyed record whose turn came, or a keyed
+    /// record's retry.
+    again: mpsc::UnboundedSender<Delivery>,
 }
 
 impl Drop for Shared {
@@ -309,28 +317,66 @@ impl Shared {
             tracing::debug!(topic = %self.topic, partition, error = %e, "offset not stored");
         }
     }
+
+    /// Takes `d` in its key's line: `Some(d)` when the key had nothing out (hand it out now),
+    /// `None` when it waits behind an earlier delivery with the same key.
+    fn line_up(&self, key: &str, d: Delivery) -> Option<Delivery> {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        match lines.get_mut(key) {
+            Some(line) => {
+                line.push_back(d);
+                None
+            }
+            None => {
+                lines.insert(key.to_owned(), VecDeque::new());
+                Some(d)
+            }
+        }
+    }
+
+    /// The delivery out for `key` is settled: the next in its line goes out, or the key is
+    /// free.
+    fn release(&self, key: &str) {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let next = match lines.get_mut(key) {
+            Some(line) => line.pop_front(),
+            None => return,
+        };
+        match next {
+            Some(d) => {
+                // Sent while the lock is held, so lines and the reader's queue agree on order.
+                let _ = self.again.send(d);
+            }
+            None => {
+                lines.remove(key);
+            }
+        }
+    }
 }
 
-/// Settles one record: ack stores its offset; nack publishes a copy with the attempt count
-/// and a not-before time (the partition is not held up), then stores the offset.
+/// Settles one record. Ack stores its offset. Nack of a record without a key publishes a copy
+/// with the attempt count and a not-before time (the partition is not held up), then stores
+/// the offset; a record with a key is handed out again here after the delay, its key held, so
+/// its successors with that key wait for it (order per key).
 struct KafkaAcker {
     shared: Arc<Shared>,
     partition: i32,
     offset: i64,
+    /// This delivery's attempt (1 for the first).
     attempt: u32,
     key: Option<String>,
-    /// The record's headers as received, shared with nothing else after the delivery is read.
-    headers: Arc<[(String, String)]>,
-    payload: Bytes,
+    record: Record,
     settled: bool,
 }
 
 impl KafkaAcker {
-    async fn retry(&mut self, delay: Duration) -> Result<()> {
+    /// Publishes the record again, due after `delay`, carrying the deliveries so far.
+    async fn republish(&self, delay: Duration) -> Result<()> {
         let not_before = system_time_to_millis(SystemTime::now() + delay);
-        let mut h = OwnedHeaders::new_with_capacity(self.headers.len() + 2);
+        let headers = &self.record.headers;
+        let mut h = OwnedHeaders::new_with_capacity(headers.len() + 2);
         // The copy carries the record's headers but its own attempt count and due time.
-        for (k, v) in self.headers.iter().filter(|(k, _)| !is_retry_header(k)) {
+        for (k, v) in headers.iter().filter(|(k, _)| !is_retry_header(k)) {
             h = h.insert(Header {
                 key: k,
                 value: Some(v.as_bytes()),
@@ -353,10 +399,38 @@ impl KafkaAcker {
                 &self.shared.topic,
                 self.key.as_deref(),
                 h,
-                &self.payload,
+                &self.record.payload,
                 PUBLISH_WITHIN,
             )
             .await
+    }
+
+    /// Hands the record out again from this member after `delay`, as the next attempt; its
+    /// offset stays unsettled (and its key held) until that attempt settles.
+    fn redeliver(&mut self, delay: Duration) {
+        self.settled = true;
+        let attempt = self.attempt + 1;
+        let next = KafkaAcker {
+            shared: self.shared.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            attempt,
+            key: self.key.take(),
+            record: self.record.clone(),
+            settled: false,
+        };
+        let d = self
+            .record
+            .delivery(&self.shared.pattern, attempt, Box::new(next));
+        let again = self.shared.again.clone();
+        if delay.is_zero() {
+            let _ = again.send(d);
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = again.send(d);
+            });
+        }
     }
 }
 
@@ -365,38 +439,58 @@ impl Acker for KafkaAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         self.settled = true;
         self.shared.settle(self.partition, self.offset);
+        if let Some(k) = &self.key {
+            self.shared.release(k);
+        }
         Ok(())
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
-        self.settled = true;
-        self.retry(delay).await?;
-        self.shared.settle(self.partition, self.offset);
+        if self.key.is_some() {
+            self.redeliver(delay);
+            return Ok(());
+        }
+        match self.republish(delay).await {
+            Ok(()) => {
+                self.settled = true;
+                self.shared.settle(self.partition, self.offset);
+            }
+            Err(e) => {
+                // Not lost, not stuck: this member hands it out again itself.
+                tracing::warn!(topic = %self.shared.topic, error = %e, "retry not published; redelivering here");
+                self.redeliver(delay);
+            }
+        }
         Ok(())
     }
 }
 
 impl Drop for KafkaAcker {
     fn drop(&mut self) {
-        if self.settled {
+        if self.settled || self.shared.again.is_closed() {
+            // Settled; or the subscription is gone: the offset stays uncommitted and the
+            // group reads the record again (here after a restart, or on another member).
             return;
         }
-        // Dropped unsettled (a consumer that stopped mid-way): the record goes back as a retry
-        // due at once, and only then is its offset released. Without a runtime its offset
-        // stays uncommitted: the group reads it again after a restart.
-        let mut again = KafkaAcker {
+        // Dropped unsettled while the subscription reads on.
+        if self.key.is_some() {
+            // Out again at once, its key still held.
+            self.redeliver(Duration::ZERO);
+            return;
+        }
+        // Published again as a retry due at once; its offset is released after that.
+        let again = KafkaAcker {
             shared: self.shared.clone(),
             partition: self.partition,
             offset: self.offset,
             attempt: self.attempt,
-            key: self.key.take(),
-            headers: self.headers.clone(),
-            payload: self.payload.clone(),
+            key: None,
+            record: self.record.clone(),
             settled: true,
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if again.retry(Duration::ZERO).await.is_ok() {
+                if again.republish(Duration::ZERO).await.is_ok() {
                     again.shared.settle(again.partition, again.offset);
                 }
             });
@@ -409,6 +503,7 @@ fn is_retry_header(name: &str) -> bool {
 }
 
 /// What a reader takes out of a record before letting it go.
+#[derive(Clone)]
 struct Record {
     headers: Arc<[(String, String)]>,
     /// Why the headers could not be read (then `headers` is empty).
@@ -535,16 +630,19 @@ impl Subscriber for KafkaTransport {
         consumer
             .subscribe(&[topic.as_str()])
             .map_err(|e| kafka_error(&format!("subscribing to `{topic}`"), e))?;
+        let (again_tx, again_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             transport: self.clone(),
             consumer: consumer.clone(),
             topic,
+            pattern: pattern.to_owned(),
             offsets: Mutex::new(Offsets::default()),
+            lines: Mutex::new(HashMap::new()),
+            again: again_tx,
         });
         let (tx, mut rx) = mpsc::channel(opts.prefetch.max(1));
-        let pattern = pattern.to_owned();
         let closed = self.inner.closed.clone();
-        tokio::spawn(read_group(shared, pattern, tx, closed));
+        tokio::spawn(read_group(shared, again_rx, tx, closed));
         // A handler is reachable once this returns: wait for the group to hand this member
         // its partitions (reading from the group's committed position, or the start).
         let within = cfg.connect_timeout.max(Duration::from_secs(30));
@@ -603,10 +701,11 @@ impl Subscriber for KafkaTransport {
 }
 
 /// The reader of one group subscription: records become deliveries; a retry not yet due waits
-/// in a task of its own, so the records behind it are not held up.
+/// in a task of its own, and a keyed record waits in its key's line, so the records behind
+/// them are not held up.
 async fn read_group(
     shared: Arc<Shared>,
-    pattern: String,
+    mut again: mpsc::UnboundedReceiver<Delivery>,
     tx: mpsc::Sender<Delivery>,
     closed: CloseSignal,
 ) {
@@ -614,6 +713,12 @@ async fn read_group(
         let msg = tokio::select! {
             () = closed.closed() => return,
             () = tx.closed() => return,
+            Some(d) = again.recv() => {
+                if tx.send(d).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             m = shared.consumer.recv() => m,
         };
         let msg = match msg {
@@ -647,12 +752,18 @@ async fn read_group(
             partition,
             offset,
             attempt,
-            key,
-            headers: record.headers.clone(),
-            payload: record.payload.clone(),
+            key: key.clone(),
+            record: record.clone(),
             settled: false,
         });
-        let d = record.delivery(&pattern, attempt, acker);
+        let d = record.delivery(&shared.pattern, attempt, acker);
+        let d = match &key {
+            Some(k) => match shared.line_up(k, d) {
+                Some(d) => d,
+                None => continue,
+            },
+            None => d,
+        };
         let wait = not_before.and_then(|t| t.duration_since(SystemTime::now()).ok());
         match wait {
             Some(wait) if !wait.is_zero() => {
@@ -680,6 +791,7 @@ impl Transport for KafkaTransport {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(MAX_PAYLOAD)
             .redelivery_on_nack(true)
+            .ordered(true)
             .durable(true)
     }
 
