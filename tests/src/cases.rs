@@ -1563,7 +1563,8 @@ pub async fn broker_restart_loses_no_accepted_event(h: Harness) -> Outcome {
         .map(|(id, _)| *id)
         .collect();
     let refused = results.len() - accepted.len();
-    if let Some((_, Err(e))) = results.iter().find(|(_, r)| r.is_err()) {
+    let first_refusal = results.iter().find_map(|(_, r)| r.as_ref().err());
+    if let Some(e) = first_refusal {
         assert!(
             e.is_retryable(),
             "an emit refused during the restart says it can be retried: {e}"
@@ -1585,9 +1586,12 @@ pub async fn broker_restart_loses_no_accepted_event(h: Harness) -> Outcome {
         (lost, dups)
     };
     eprintln!(
-        "NOTE conformance `broker_restart_loses_no_accepted_event` on `{}`: {n} emits, {} accepted, {refused} refused during the restart; lost {lost}, duplicated {duplicates}",
+        "NOTE conformance `broker_restart_loses_no_accepted_event` on `{}`: {n} emits, {} accepted, {refused} refused during the restart{}; lost {lost}, duplicated {duplicates}",
         h.name(),
-        accepted.len()
+        accepted.len(),
+        first_refusal
+            .map(|e| format!(" (the first: {e})"))
+            .unwrap_or_default()
     );
     assert_eq!(lost, 0, "events whose emit returned Ok were lost");
     assert!(!accepted.is_empty(), "no emit was accepted at all");

@@ -16,6 +16,7 @@
 //! record key is the message's key, so one key stays in one partition. Envelope fields travel
 //! as record headers under the names in `docs/wire.md`. See [`KafkaConfig`] for the URL.
 
+mod codec;
 mod config;
 mod transport;
 

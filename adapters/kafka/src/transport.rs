@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use dashmap::DashSet;
+use dashmap::DashMap;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
@@ -49,8 +49,9 @@ struct Inner {
     cfg: KafkaConfig,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
-    /// Topics known to exist (created here or found).
-    topics: DashSet<String>,
+    /// The topics of event, request and dead-letter patterns (by pattern), and reply topics
+    /// (by name), once used.
+    topics: [DashMap<String, Arc<Topic>>; 4],
     closed: CloseSignal,
 }
 
@@ -104,7 +105,7 @@ impl KafkaTransport {
                 cfg,
                 producer,
                 admin,
-                topics: DashSet::new(),
+                topics: Default::default(),
                 closed: CloseSignal::new(),
             }),
         })
@@ -123,11 +124,46 @@ impl KafkaTransport {
         }
     }
 
-    /// Creates `topic` with `partitions` if it does not exist yet.
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
-        if self.inner.topics.contains(topic) {
-            return Ok(());
+    /// The topic of `route`, known to exist (created with the configured partitions, one for a
+    /// reply topic, when missing). Concurrent first uses wait for one creation.
+    async fn topic(&self, route: Route<'_>) -> Result<Arc<Topic>> {
+        let (slot, key, partitions) = match route {
+            Route::Event(p) => (0, p, self.inner.cfg.partitions),
+            Route::Request(p) => (1, p, self.inner.cfg.partitions),
+            Route::DeadLetter(p) => (2, p, self.inner.cfg.partitions),
+            Route::Reply(name) => (3, name, 1),
+        };
+        let map = &self.inner.topics[slot];
+        let topic = match map.get(key) {
+            Some(t) => t.clone(),
+            None => map
+                .entry(key.to_owned())
+                .or_insert_with(|| {
+                    let cfg = &self.inner.cfg;
+                    let name = match route {
+                        Route::Event(p) => cfg.name("evt", p),
+                        Route::Request(p) => cfg.name("req", p),
+                        Route::DeadLetter(p) => cfg.name("dlq", p),
+                        Route::Reply(name) => name.to_owned(),
+                    };
+                    Arc::new(Topic {
+                        name,
+                        created: tokio::sync::OnceCell::new(),
+                    })
+                })
+                .clone(),
+        };
+        if !topic.created.initialized() {
+            // A failed creation leaves the cell empty: the next use tries again.
+            topic
+                .created
+                .get_or_try_init(|| self.create_topic(&topic.name, partitions))
+                .await?;
         }
+        Ok(topic)
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let new = NewTopic::new(
             topic,
             partitions,
@@ -152,18 +188,7 @@ impl KafkaTransport {
                 }
             }
         }
-        self.inner.topics.insert(topic.to_owned());
         Ok(())
-    }
-
-    fn topic_of(&self, route: Route<'_>) -> String {
-        let cfg = &self.inner.cfg;
-        match route {
-            Route::Event(p) => cfg.name("evt", p),
-            Route::Request(p) => cfg.name("req", p),
-            Route::DeadLetter(p) => cfg.name("dlq", p),
-            Route::Reply(address) => address.to_owned(),
-        }
     }
 
     /// Produces one record and waits for the broker's acknowledgement.
@@ -199,7 +224,8 @@ impl KafkaTransport {
             .map_err(|(e, _)| kafka_error(&format!("publishing to `{topic}`"), e))
     }
 
-    fn consumer(&self, group: &str) -> Result<(GroupConsumer, tokio::sync::watch::Receiver<bool>)> {
+    /// Settings of a consumer in `group` that stores offsets only when told to.
+    fn consumer_config(&self, group: &str) -> rdkafka::ClientConfig {
         let cfg = &self.inner.cfg;
         let mut c = cfg.client_config();
         c.set("group.id", group)
@@ -212,18 +238,54 @@ impl KafkaTransport {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", cfg.fetch_wait.as_millis().to_string())
             .set("enable.partition.eof", "false");
+        c
+    }
+
+    fn consumer(&self, group: &str) -> Result<(GroupConsumer, tokio::sync::watch::Receiver<bool>)> {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let consumer = c
+        let consumer = self
+            .consumer_config(group)
             .create_with_context(Joined(tx))
             .map_err(|e| kafka_error(&format!("creating a consumer in group `{group}`"), e))?;
         Ok((consumer, rx))
     }
 }
 
+/// Logs librdkafka's client-wide errors through `tracing` (they are retried by librdkafka).
+fn log_client_error(error: &KafkaError, reason: &str) {
+    tracing::warn!(error = %error, reason, "kafka client");
+}
+
+/// The reply reader's context: counts the times every broker connection went down, so that
+/// requests waiting for a reply fail at once (retryably) instead of at their deadline.
+struct ReplyWatch(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl ClientContext for ReplyWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.0.send_modify(|n| *n += 1);
+        }
+        log_client_error(&error, reason);
+    }
+}
+
+impl ConsumerContext for ReplyWatch {}
+
+/// A topic the transport uses.
+struct Topic {
+    name: String,
+    /// Set once the topic is known to exist.
+    created: tokio::sync::OnceCell<()>,
+}
+
 /// Tells when the group first gave this member its partitions (none is an answer too).
 struct Joined(tokio::sync::watch::Sender<bool>);
 
-impl ClientContext for Joined {}
+impl ClientContext for Joined {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+    }
+}
 
 impl ConsumerContext for Joined {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -579,23 +641,24 @@ fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a s
 impl Publisher for KafkaTransport {
     async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
         self.check_open()?;
-        let topic = self.topic_of(route);
-        if !matches!(route, Route::Reply(_)) {
-            self.ensure_topic(&topic, self.inner.cfg.partitions).await?;
-        }
-        let mut h = OwnedHeaders::new_with_capacity(10);
-        for (k, v) in msg.to_headers() {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        let headers = crate::codec::record_headers(&msg, route);
         let within = msg
             .time_left()
             .filter(|d| !d.is_zero())
             .unwrap_or(PUBLISH_WITHIN);
-        self.produce(&topic, msg.key.as_deref(), h, &msg.payload, within)
-            .await
+        let key = msg.key.as_deref();
+        match route {
+            // A reply goes to the requester's own topic, made when it opened its inbox.
+            Route::Reply(address) => {
+                self.produce(address, key, headers, &msg.payload, within)
+                    .await
+            }
+            _ => {
+                let topic = self.topic(route).await?;
+                self.produce(&topic.name, key, headers, &msg.payload, within)
+                    .await
+            }
+        }
     }
 }
 
@@ -623,8 +686,7 @@ impl Subscriber for KafkaTransport {
                 ));
             }
         };
-        let topic = self.topic_of(route);
-        self.ensure_topic(&topic, cfg.partitions).await?;
+        let topic = self.topic(route).await?.name.clone();
         let (consumer, mut joined) = self.consumer(&group)?;
         let consumer = Arc::new(consumer);
         consumer
@@ -663,10 +725,14 @@ impl Subscriber for KafkaTransport {
     async fn open_inbox(&self, name: &str) -> Result<Inbox> {
         self.check_open()?;
         let topic = self.inner.cfg.name("reply", name);
-        self.ensure_topic(&topic, 1).await?;
+        self.create_topic(&topic, 1).await?;
         // Read by assignment, not by a group: no join, no rebalance, the topic is this
         // instance's alone. librdkafka still wants a group id.
-        let (consumer, _) = self.consumer(&topic)?;
+        let lost = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let consumer: StreamConsumer<ReplyWatch> = self
+            .consumer_config(&topic)
+            .create_with_context(ReplyWatch(lost.clone()))
+            .map_err(|e| kafka_error("creating the reply reader", e))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, 0, Offset::Beginning)
             .map_err(|e| kafka_error("assigning the reply topic", e))?;
@@ -696,7 +762,7 @@ impl Subscriber for KafkaTransport {
             }
         });
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        Ok(Inbox::new(topic, Subscription::new(stream)))
+        Ok(Inbox::new(topic, Subscription::new(stream)).with_connection_lost(lost.subscribe()))
     }
 }
 

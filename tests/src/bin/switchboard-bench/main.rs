@@ -13,7 +13,7 @@
 //!
 //! For a broker the responder and the event consumer run in a second process (this program
 //! started with `--serve`), one per run and side; the raw side is the broker's own Rust client
-//! (async-nats, lapin) doing the same work. For `memory` the raw side is plain tokio channels
+//! (async-nats, lapin, rdkafka) doing the same work. For `memory` the raw side is plain tokio channels
 //! and both sides run in one process (an in-memory transport cannot cross processes).
 
 mod child;
@@ -21,6 +21,8 @@ mod child;
 mod gateway;
 #[cfg(feature = "grpc")]
 mod grpc;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod memory;
 #[cfg(feature = "nats")]
 mod nats;
@@ -40,7 +42,7 @@ use crate::workload::{Counter, Counts, Figure};
 #[derive(Parser, Debug)]
 #[command(about = "switchboard benchmarks beside the raw client, as JSON lines and a ratio table")]
 struct Args {
-    /// Transport to measure: memory, nats, rabbitmq, grpc; or `gateway` for
+    /// Transport to measure: memory, nats, rabbitmq, kafka, grpc; or `gateway` for
     /// `gateway_added_latency` (through the gateway against directly).
     #[arg(long, default_value = "memory")]
     transport: String,
@@ -80,6 +82,9 @@ fn default_url(transport: &str) -> Option<&'static str> {
             "nats://127.0.0.1:4222?prefix=sbbench&stream=SWITCHBOARD_BENCH&dlq_stream=SWITCHBOARD_BENCH_DLQ&retention_ms=600000"
         }
         "rabbitmq" => "amqp://guest:guest@127.0.0.1:5672/%2f",
+        // tansu (scripts/brokers up kafka) holds every fetch for `fetch.wait.max.ms`: 5 ms.
+        // Each run adds a prefix of its own (fresh topics; see kafka.rs).
+        "kafka" => "kafka://127.0.0.1:9092?fetch_wait_ms=5",
         // The switchboard server's address; the raw tonic server takes the next port.
         "grpc" => "grpc://127.0.0.1:50151",
         // The gateway's address; the direct handler takes the next port.
@@ -92,6 +97,7 @@ fn compiled(transport: &str) -> bool {
     transport == "memory"
         || (transport == "nats" && cfg!(feature = "nats"))
         || (transport == "rabbitmq" && cfg!(feature = "rabbitmq"))
+        || (transport == "kafka" && cfg!(feature = "kafka"))
         || ((transport == "grpc" || transport == "gateway") && cfg!(feature = "grpc"))
 }
 
@@ -120,6 +126,8 @@ async fn serve(system: &str, transport: &str, url: &str, total: u64) {
                 "nats" => nats::serve(url, counted.clone(), all.clone(), total).await,
                 #[cfg(feature = "rabbitmq")]
                 "rabbitmq" => rabbitmq::serve(url, counted.clone(), all.clone(), total).await,
+                #[cfg(feature = "kafka")]
+                "kafka" => kafka::serve(url, counted.clone(), all.clone(), total).await,
                 #[cfg(feature = "grpc")]
                 "grpc" | "gateway" => {
                     grpc::serve_raw(url, counted.clone(), all.clone(), total).await
@@ -150,6 +158,8 @@ async fn broker_run(system: &str, transport: &str, url: &str, c: &Counts) -> Vec
         ("raw", "nats") => nats::run(url, c, &mut counter).await,
         #[cfg(feature = "rabbitmq")]
         ("raw", "rabbitmq") => rabbitmq::run(url, c, &mut counter).await,
+        #[cfg(feature = "kafka")]
+        ("raw", "kafka") => kafka::run(url, c, &mut counter).await,
         #[cfg(feature = "grpc")]
         ("raw", "grpc") => grpc::run_raw(url, c, &mut counter).await,
         (s, t) => panic!("no {s} client for `{t}`"),
@@ -191,6 +201,16 @@ async fn run_side(system: &str, transport: &str, url: &str, run: usize, c: &Coun
         let figs = sb::run(&url, c, &mut counter).await;
         server.shutdown().await.expect("shutdown");
         return figs;
+    }
+    if transport == "kafka" {
+        // Topics of this run and side alone.
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{url}{sep}prefix=sbbench{}r{run}{}",
+            std::process::id(),
+            &system[..1]
+        );
+        return broker_run(system, transport, &url, c).await;
     }
     broker_run(system, transport, url, c).await
 }
@@ -262,7 +282,7 @@ fn main() {
     let args = Args::parse();
     if !compiled(&args.transport) {
         eprintln!(
-            "transport `{}` is not available in this build of the bench (known: memory, nats, rabbitmq, grpc; the others need the crate features of the same name)",
+            "transport `{}` is not available in this build of the bench (known: memory, nats, rabbitmq, kafka, grpc; the others need the crate features of the same name)",
             args.transport
         );
         std::process::exit(2);

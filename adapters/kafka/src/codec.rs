@@ -1,0 +1,129 @@
+//! Envelope → Kafka record headers. The names are the project's wire names (docs/wire.md);
+//! values are UTF-8 text. Headers are copied into librdkafka, written into every produce
+//! request, parsed by the broker and freed after the delivery report, so what a reader knows
+//! without a header is left out:
+//!
+//! - `ce-specversion` (always 1.0) and `content-type` `application/json` (the default);
+//! - `ce-type` on event, request and dead-letter records: the topic names the pattern, and the
+//!   reader takes the pattern it subscribed to.
+//!
+//! Ids and the deadline are formatted on the stack: no string is allocated per header.
+
+use rdkafka::message::{Header, OwnedHeaders};
+use switchboard_core::envelope::system_time_to_millis;
+use switchboard_core::transport::Route;
+use switchboard_core::{Envelope, content_type, header};
+
+/// The record headers of `env` published on `route`.
+pub(crate) fn record_headers(env: &Envelope, route: Route<'_>) -> OwnedHeaders {
+    let mut h = Builder(Some(OwnedHeaders::new_with_capacity(4 + env.headers.len())));
+    let mut put = |key: &str, value: &str| h.put(key, value);
+    let mut buf = [0u8; 36];
+    put(header::ID, env.id.encode(&mut buf));
+    if matches!(route, Route::Reply(_)) {
+        put(header::PATTERN, &env.pattern);
+    }
+    if let Some(ct) = env
+        .content_type
+        .as_deref()
+        .filter(|ct| *ct != content_type::JSON)
+    {
+        put(header::CONTENT_TYPE, ct);
+    }
+    if let Some(c) = &env.correlation_id {
+        put(header::CORRELATION_ID, c.encode(&mut buf));
+    }
+    if let Some(c) = &env.causation_id {
+        put(header::CAUSATION_ID, c.encode(&mut buf));
+    }
+    if let Some(r) = &env.reply_to {
+        put(header::REPLY_TO, r);
+    }
+    if let Some(d) = env.deadline {
+        let mut ms = itoa::Buffer::new();
+        put(header::DEADLINE, ms.format(system_time_to_millis(d)));
+    }
+    if let Some(k) = &env.key {
+        put(header::KEY, k);
+    }
+    if let Some(e) = &env.error {
+        put(header::ERROR_CODE, &e.code);
+        put(header::ERROR_MESSAGE, &e.message);
+    }
+    for (k, v) in &env.headers {
+        put(k, v);
+    }
+    h.0.unwrap_or_default()
+}
+
+/// `OwnedHeaders` grown in place (its `insert` takes and returns it); always `Some` between
+/// calls.
+struct Builder(Option<OwnedHeaders>);
+
+impl Builder {
+    fn put(&mut self, key: &str, value: &str) {
+        self.0 = self.0.take().map(|h| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+    use std::time::{Duration, SystemTime};
+
+    fn pairs(h: &OwnedHeaders) -> Vec<(String, String)> {
+        h.iter()
+            .map(|x| {
+                (
+                    x.key.to_owned(),
+                    String::from_utf8(x.value.unwrap_or_default().to_vec()).expect("utf-8"),
+                )
+            })
+            .collect()
+    }
+
+    /// What the headers leave out the reader restores: the round trip through
+    /// `Envelope::read` with the subscribed pattern gives the envelope back.
+    #[test]
+    fn an_event_record_carries_what_its_reader_cannot_infer_and_reads_back_whole() {
+        let mut env = Envelope::new("orders.placed", &b"{}"[..])
+            .with_content_type(content_type::JSON)
+            .with_header("tenant", "acme");
+        env.key = Some("order-7".into());
+        env.deadline = Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123));
+        let h = record_headers(&env, Route::Event("orders.placed"));
+        let got = pairs(&h);
+        let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [header::ID, header::DEADLINE, header::KEY, "tenant"],
+            "no ce-type, ce-specversion or JSON content-type on an event"
+        );
+        let (back, malformed) = Envelope::read(
+            got.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            env.payload.clone(),
+            "orders.placed",
+            None,
+        );
+        assert_eq!(malformed, None);
+        assert_eq!(back.id, env.id);
+        assert_eq!(back.pattern, "orders.placed");
+        assert_eq!(back.deadline, env.deadline);
+        assert_eq!(back.key, env.key);
+        assert_eq!(back.headers.get("tenant").map(String::as_str), Some("acme"));
+    }
+
+    #[test]
+    fn a_reply_names_its_pattern_and_other_content_types_are_named() {
+        let env = Envelope::new("users.get", &b"\x01"[..]).with_content_type(content_type::BYTES);
+        let got = pairs(&record_headers(&env, Route::Reply("sb.reply.c1")));
+        assert!(got.contains(&(header::PATTERN.into(), "users.get".into())));
+        assert!(got.contains(&(header::CONTENT_TYPE.into(), content_type::BYTES.into())));
+    }
+}
