@@ -80,6 +80,8 @@ impl KafkaTransport {
     pub async fn connect(cfg: KafkaConfig) -> Result<Self> {
         let mut pc = cfg.client_config();
         pc.set("acks", "all")
+            // librdkafka gives up on a record after this; a publish waits at most as long.
+            .set("message.timeout.ms", PUBLISH_WITHIN.as_millis().to_string())
             .set("linger.ms", cfg.linger.as_millis().to_string())
             .set("batch.num.messages", cfg.batch_records.to_string());
         let producer: FutureProducer = pc
@@ -216,12 +218,35 @@ impl KafkaTransport {
         if let Some(k) = key {
             record = record.key(k);
         }
-        self.inner
-            .producer
-            .send(record, Timeout::After(within))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| kafka_error(&format!("publishing to `{topic}`"), e))
+        let context = || format!("publishing to `{topic}`");
+        let until = tokio::time::Instant::now() + within;
+        // Enqueued without an intermediate future (its size is copied on every poll); a full
+        // local queue is waited out until `within`.
+        let delivery = loop {
+            match self.inner.producer.send_result(record) {
+                Ok(d) => break d,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                    if tokio::time::Instant::now() < until =>
+                {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(kafka_error(&context(), e)),
+            }
+        };
+        match tokio::time::timeout_at(until, delivery).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err((e, _)))) => Err(kafka_error(&context(), e)),
+            Ok(Err(_)) => Err(Error::closed(NAME)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                NAME,
+                format!(
+                    "{}: no acknowledgement within {within:?} (the record may still be stored)",
+                    context()
+                ),
+            )),
+        }
     }
 
     /// Settings of a consumer in `group` that stores offsets only when told to.
