@@ -20,7 +20,7 @@
 //! | `grpc://host:port`, `grpcs://` | direct gRPC, or the gateway | `grpc` | available |
 //! | `nats://host:port`, `tls://` | NATS + JetStream | `nats` | available |
 //! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` | available |
-//! | `kafka://host:port` | Kafka API | `kafka` | in progress |
+//! | `kafka://host:port` | Kafka API | `kafka` | available |
 //! | `sqs://`, `sns+sqs://` | SNS/SQS | `sns-sqs` | planned |
 //!
 //! ## Quick start

@@ -2,6 +2,7 @@
 //! consumer group, and a reply topic per client instance read by manual assignment.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,8 +20,8 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use switchboard_core::envelope::system_time_to_millis;
 use switchboard_core::transport::{
-    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions,
-    Subscriber, Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Confirmation, Delivery, Inbox, NoAck, Publisher, Route,
+    SubscribeOptions, Subscriber, Subscription, Transport,
 };
 use switchboard_core::{Envelope, Error, ErrorKind, Result};
 use tokio::sync::mpsc;
@@ -202,6 +203,22 @@ impl KafkaTransport {
         payload: &[u8],
         within: Duration,
     ) -> Result<()> {
+        self.enqueue_record(topic, key, headers, payload, within)
+            .await?
+            .await
+    }
+
+    /// Hands one record to the producer (its place in the partition's order is taken when
+    /// this returns) and gives back the wait for the broker's acknowledgement, bounded by
+    /// `within` from now.
+    async fn enqueue_record(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        headers: OwnedHeaders,
+        payload: &[u8],
+        within: Duration,
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static + use<>> {
         if payload.len() > MAX_PAYLOAD {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,
@@ -218,7 +235,6 @@ impl KafkaTransport {
         if let Some(k) = key {
             record = record.key(k);
         }
-        let context = || format!("publishing to `{topic}`");
         let until = tokio::time::Instant::now() + within;
         // Enqueued without an intermediate future (its size is copied on every poll); a full
         // local queue is waited out until `within`.
@@ -231,22 +247,24 @@ impl KafkaTransport {
                     record = r;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                Err((e, _)) => return Err(kafka_error(&context(), e)),
+                Err((e, _)) => return Err(kafka_error(&format!("publishing to `{topic}`"), e)),
             }
         };
-        match tokio::time::timeout_at(until, delivery).await {
-            Ok(Ok(Ok(_))) => Ok(()),
-            Ok(Ok(Err((e, _)))) => Err(kafka_error(&context(), e)),
-            Ok(Err(_)) => Err(Error::closed(NAME)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                NAME,
-                format!(
-                    "{}: no acknowledgement within {within:?} (the record may still be stored)",
-                    context()
-                ),
-            )),
-        }
+        let topic = topic.to_owned();
+        Ok(async move {
+            match tokio::time::timeout_at(until, delivery).await {
+                Ok(Ok(Ok(_))) => Ok(()),
+                Ok(Ok(Err((e, _)))) => Err(kafka_error(&format!("publishing to `{topic}`"), e)),
+                Ok(Err(_)) => Err(Error::closed(NAME)),
+                Err(_) => Err(Error::new(
+                    ErrorKind::Timeout,
+                    NAME,
+                    format!(
+                        "publishing to `{topic}`: no acknowledgement within {within:?} (the record may still be stored)"
+                    ),
+                )),
+            }
+        })
     }
 
     /// Settings of a consumer in `group` that stores offsets only when told to.
@@ -665,8 +683,25 @@ fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a s
 #[async_trait]
 impl Publisher for KafkaTransport {
     async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
+        self.enqueue_message(route, &msg).await?.await
+    }
+
+    async fn enqueue(&self, route: Route<'_>, msg: Envelope) -> Result<Confirmation> {
+        Ok(Confirmation::pending(
+            self.enqueue_message(route, &msg).await?,
+        ))
+    }
+}
+
+impl KafkaTransport {
+    /// [`KafkaTransport::enqueue_record`] for an envelope on a route.
+    async fn enqueue_message(
+        &self,
+        route: Route<'_>,
+        msg: &Envelope,
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static + use<>> {
         self.check_open()?;
-        let headers = crate::codec::record_headers(&msg, route);
+        let headers = crate::codec::record_headers(msg, route);
         let within = msg
             .time_left()
             .filter(|d| !d.is_zero())
@@ -675,12 +710,12 @@ impl Publisher for KafkaTransport {
         match route {
             // A reply goes to the requester's own topic, made when it opened its inbox.
             Route::Reply(address) => {
-                self.produce(address, key, headers, &msg.payload, within)
+                self.enqueue_record(address, key, headers, &msg.payload, within)
                     .await
             }
             _ => {
                 let topic = self.topic(route).await?;
-                self.produce(&topic.name, key, headers, &msg.payload, within)
+                self.enqueue_record(&topic.name, key, headers, &msg.payload, within)
                     .await
             }
         }

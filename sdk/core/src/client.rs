@@ -16,7 +16,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use url::Url;
 
 use crate::codec::{Decode, Encode};
-use crate::correlator::{Correlator, Sink, WaiterGuard, await_reply};
+use crate::correlator::{Accept, Correlator, Sink, WaiterGuard, await_reply};
 use crate::envelope::{CorrelationId, Envelope, IdHash, header};
 use crate::error::{Error, ErrorKind, Result};
 use crate::serve::ServiceControl;
@@ -564,8 +564,8 @@ impl Client {
         Ok(())
     }
 
-    /// Sends a request and returns at once (once the transport accepted it) with a handle that
-    /// carries the correlation id. Await the handle now or later; the reply is matched on this
+    /// Sends a request and returns at once (once the transport has it in order, see
+    /// [`crate::transport::Publisher::enqueue`]) with a handle that carries the correlation id. Await the handle now or later; the reply is matched on this
     /// client's one reply channel. A reply that arrives after the deadline is dropped and
     /// counted in [`Stats::late_replies`]. Dropping the handle abandons the request.
     ///
@@ -587,7 +587,9 @@ impl Client {
     ///
     /// # Errors
     /// Those of [`Client::send`] that happen before the reply: encoding, size, pattern,
-    /// `NoResponder` where detectable, transport errors.
+    /// `NoResponder` where detectable, transport errors. A refusal the transport reports only
+    /// after taking the request (a broker that does not acknowledge it) is the handle's
+    /// error instead.
     pub async fn request<Req, Resp>(&self, pattern: &str, req: &Req) -> Result<PendingReply<Resp>>
     where
         Req: Encode + Sync + ?Sized,
@@ -624,6 +626,7 @@ impl Client {
                 deadline,
                 timeout,
                 Sink::Once(tx),
+                Accept::Enqueued,
             )
             .await?;
         let guard = c.guard(id);
@@ -855,6 +858,7 @@ impl<Resp: Decode> ReplyStream<Resp> {
                 deadline,
                 timeout,
                 Sink::Stream(self.tx.clone()),
+                Accept::Enqueued,
             )
             .await?;
         // The stream owns the waiter from here: its timer, or its drop, removes it.

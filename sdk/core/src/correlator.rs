@@ -41,6 +41,17 @@ impl Sink {
     }
 }
 
+/// When [`Correlator::submit`] returns.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Accept {
+    /// Once the transport accepted the request (a `send`: its caller waits for the reply
+    /// anyway).
+    Published,
+    /// Once the transport has the request in order; a later refusal is the request's reply
+    /// (`request`: returns at once).
+    Enqueued,
+}
+
 #[derive(Debug)]
 struct Waiter {
     deadline: Instant,
@@ -156,6 +167,14 @@ impl Correlator {
     /// as `reply_to`. If publishing fails (or this future is dropped first) the waiter is
     /// removed again; otherwise the caller owns it and must see it removed (a
     /// [`WaiterGuard`], or [`Correlator::cancel`]).
+    ///
+    /// With [`Accept::Enqueued`] this returns once the transport has the message in order
+    /// ([`crate::transport::Publisher::enqueue`]); a refusal that comes after that is
+    /// delivered to the waiter as its reply.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one internal call site per kind of caller"
+    )]
     pub(crate) async fn submit(
         &self,
         transport: &dyn Transport,
@@ -164,6 +183,7 @@ impl Correlator {
         deadline: Instant,
         timeout: Duration,
         sink: Sink,
+        accept: Accept,
     ) -> Result<CorrelationId> {
         let id = CorrelationId::from(msg.id);
         msg.correlation_id = Some(id);
@@ -179,7 +199,23 @@ impl Correlator {
         let unregister = OnDrop(Some(|| {
             self.pending.remove(&id);
         }));
-        transport.publish(Route::Request(pattern), msg).await?;
+        let route = Route::Request(pattern);
+        match accept {
+            Accept::Published => transport.publish(route, msg).await?,
+            Accept::Enqueued => {
+                let confirmation = transport.enqueue(route, msg).await?;
+                if let Some(outcome) = confirmation.into_pending() {
+                    let pending = self.pending.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = outcome.await
+                            && let Some((_, w)) = pending.remove(&id)
+                        {
+                            w.sink.deliver(id, Err(e));
+                        }
+                    });
+                }
+            }
+        }
         unregister.disarm();
         Ok(id)
     }
@@ -203,7 +239,15 @@ impl Correlator {
     ) -> Result<Envelope> {
         let (tx, rx) = oneshot::channel();
         let id = self
-            .submit(transport, pattern, msg, deadline, timeout, Sink::Once(tx))
+            .submit(
+                transport,
+                pattern,
+                msg,
+                deadline,
+                timeout,
+                Sink::Once(tx),
+                Accept::Published,
+            )
             .await?;
         let _guard = self.guard(id);
         await_reply(rx, deadline, timeout, self.adapter).await

@@ -478,6 +478,67 @@ pub trait Publisher: Send + Sync {
     /// `NoResponder` for a request nobody handles (where detectable), `PayloadTooLarge`,
     /// `Connection`, `Rejected`, `Closed`.
     async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()>;
+
+    /// Takes `msg` for `route` and returns once its place in the transport's order is taken,
+    /// with a [`Confirmation`] that resolves when the transport accepted it, as
+    /// [`Publisher::publish`] would have returned. Messages enqueued one after the other are
+    /// published in that order. Core uses it for asynchronous requests, so that a caller with
+    /// thousands in flight does not wait for each acknowledgement in turn.
+    ///
+    /// The default publishes and returns a confirmation that is already resolved; a transport
+    /// whose acknowledgement takes long (a batching producer, an HTTP call) overrides it.
+    ///
+    /// # Errors
+    /// Those of [`Publisher::publish`] found before the message is enqueued; the rest arrive
+    /// through the confirmation.
+    async fn enqueue(&self, route: Route<'_>, msg: Envelope) -> Result<Confirmation> {
+        self.publish(route, msg).await?;
+        Ok(Confirmation::accepted())
+    }
+}
+
+/// The outcome, still to come or known, of a message handed to [`Publisher::enqueue`].
+#[must_use = "a confirmation reports whether the transport accepted the message"]
+pub struct Confirmation(Option<Pin<Box<dyn Future<Output = Result<()>> + Send + 'static>>>);
+
+impl fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Confirmation(pending)"
+        } else {
+            "Confirmation(accepted)"
+        })
+    }
+}
+
+impl Confirmation {
+    /// The transport already accepted the message.
+    pub fn accepted() -> Self {
+        Confirmation(None)
+    }
+
+    /// The transport's answer is still to come: `outcome` resolves to it.
+    pub fn pending(outcome: impl Future<Output = Result<()>> + Send + 'static) -> Self {
+        Confirmation(Some(Box::pin(outcome)))
+    }
+
+    /// The answer still to come, if it is not known yet.
+    pub fn into_pending(
+        self,
+    ) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send + 'static>>> {
+        self.0
+    }
+
+    /// Waits for the transport's answer.
+    ///
+    /// # Errors
+    /// Those of [`Publisher::publish`].
+    pub async fn wait(self) -> Result<()> {
+        match self.0 {
+            Some(outcome) => outcome.await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// Receives messages.

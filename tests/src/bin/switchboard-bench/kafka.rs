@@ -90,7 +90,11 @@ impl Setup {
                 self.cfg.partitions,
                 TopicReplication::Fixed(1),
             ),
-            NewTopic::new(&self.events, self.cfg.partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(
+                &self.events,
+                self.cfg.partitions,
+                TopicReplication::Fixed(1),
+            ),
             NewTopic::new(&self.replies, 1, TopicReplication::Fixed(1)),
         ];
         for r in admin
