@@ -34,8 +34,8 @@ use crate::envelope::{Envelope, ReplyError};
 use crate::error::{Error, ErrorKind, HandlerError, Result};
 use crate::stats::Counters;
 use crate::transport::{
-    Acker, CloseSignal, Delivery, Direct, DirectRegistration, Route, SubscribeOptions,
-    Subscription, owned,
+    Acker, CloseSignal, Confirmation, Delivery, Direct, DirectRegistration, Route,
+    SubscribeOptions, Subscription, owned,
 };
 
 /// Backoff between attempts: exponential from `initial`, capped at `max`, with jitter (each
@@ -417,6 +417,7 @@ impl Client {
             opts,
             handler,
             places: Places::default(),
+            tracker: control.tracker.clone(),
         });
         let direct = match (kind, sub.direct()) {
             (Kind::Request, Some(slot)) => Some(slot.register(Arc::new(DirectWorker {
@@ -504,6 +505,9 @@ struct Worker<H> {
     opts: HandlerOptions,
     handler: H,
     places: Places,
+    /// The service's tasks: replies waiting for their acknowledgement are among them, so the
+    /// drain waits for those too.
+    tracker: TaskTracker,
 }
 
 /// The handler's places (its concurrency), shared by the consumer task and the deliveries run
@@ -734,23 +738,39 @@ impl<H: Handle> Worker<H> {
 
     /// Publishes the reply to `req`, if it has a reply address. Small enough to run inline in
     /// every request's future: the reply envelope is built outside it and goes straight into
-    /// the transport's own (boxed) publish; the rare failure is handled in a boxed future.
+    /// the transport's own (boxed) enqueue; the rare failure is handled in a boxed future.
+    ///
+    /// The handler's place is given back once the transport has the reply in order
+    /// ([`crate::transport::Publisher::enqueue`]): where its acknowledgement takes
+    /// milliseconds (a batching producer), waiting for it would hold the place that long. The
+    /// acknowledgement is awaited in a task of the service's own (the drain waits for it); a
+    /// refusal there is logged, as one here is.
     async fn reply(&self, req: Arc<Envelope>, out: Outcome) {
         let Some(to) = req.reply_to.clone() else {
             return;
         };
         let (id, correlation) = (req.id, req.correlation_id);
-        if let Err(e) = self.publish_reply(req, &to, out).await {
-            Box::pin(self.reply_failed(id, correlation, &to, e)).await;
+        match self.enqueue_reply(req, &to, out).await {
+            Ok(confirmation) => {
+                if let Some(outcome) = confirmation.into_pending() {
+                    let pattern = self.pattern.clone();
+                    self.tracker.spawn(async move {
+                        if let Err(e) = outcome.await {
+                            tracing::warn!(%pattern, error = %e, "could not send a reply");
+                        }
+                    });
+                }
+            }
+            Err(e) => Box::pin(self.reply_failed(id, correlation, &to, e)).await,
         }
     }
 
-    fn publish_reply<'a>(
+    fn enqueue_reply<'a>(
         &'a self,
         req: Arc<Envelope>,
         to: &'a str,
         out: Outcome,
-    ) -> BoxFuture<'a, Result<()>> {
+    ) -> BoxFuture<'a, Result<Confirmation>> {
         // By now the handler's context is gone (unless the handler kept a clone of it): the
         // request's pattern and trace headers move into the reply rather than being copied.
         let reply_with = |payload: Bytes| match Arc::try_unwrap(req) {
@@ -766,7 +786,7 @@ impl<H: Handle> Worker<H> {
                 r
             }
         };
-        self.client.transport().publish(Route::Reply(to), reply)
+        self.client.transport().enqueue(Route::Reply(to), reply)
     }
 
     /// A reply the transport did not take: one too large is replaced by an error reply
@@ -871,7 +891,8 @@ mod future_size {
     /// small (it was 1,464 bytes when it held the delivery and reply envelopes by value; 424
     /// in a debug build with the reply inline and `Error` one pointer wide; 464 with the
     /// reply's address and ids held across its publish, the request moved into the reply;
-    /// 480 with a reply's content type a `Cow`, for payloads relayed with theirs).
+    /// 480 with a reply's content type a `Cow`, for payloads relayed with theirs; 496 with the
+    /// reply enqueued, its confirmation the enqueue's output).
     #[tokio::test]
     async fn the_per_delivery_future_stays_small() {
         let t = crate::memory::MemoryTransport::connect(crate::memory::MemoryConfig::default());
@@ -885,6 +906,7 @@ mod future_size {
             opts: HandlerOptions::default(),
             handler,
             places: Places::default(),
+            tracker: TaskTracker::new(),
         };
         let d = Delivery::new(
             Envelope::new("p", Bytes::new()),
@@ -892,6 +914,6 @@ mod future_size {
             Box::new(crate::transport::NoAck),
         );
         let size = std::mem::size_of_val(&w.process(d));
-        assert!(size <= 480, "the per-delivery future grew to {size} bytes");
+        assert!(size <= 496, "the per-delivery future grew to {size} bytes");
     }
 }
