@@ -5,6 +5,8 @@
 //! header, each produce awaited until the broker acknowledged it); events produced and awaited
 //! the same way, read by a consumer group that decodes and counts each.
 //!
+//! With `SB_BENCH_RAW_ID_HEADER=1` the raw events carry a `ce-id` header like switchboard's.
+//!
 //! Each run gets topics and groups of its own (the URL's `prefix`, made unique per run by the bench):
 //! tansu slows as a topic fills, and a fresh topic keeps both sides equal.
 
@@ -27,6 +29,10 @@ use crate::workload::{self, Counter, Counts, Figure, check_reply, echo_bytes, en
 const CID: &str = "cid";
 const REPLY_TO: &str = "reply-to";
 const WITHIN: Duration = Duration::from_secs(30);
+/// Set (to anything) to make the raw side's events carry a `ce-id` header of the size
+/// switchboard's do: what the one header switchboard adds to an event costs, measured apart.
+const ID_HEADER_ENV: &str = "SB_BENCH_RAW_ID_HEADER";
+const SAMPLE_ID: &str = "0193d1a2-7b3c-7def-8a12-3456789abcde";
 
 /// The transport's settings from the URL, and the raw side's topic names under its prefix.
 struct Setup {
@@ -219,6 +225,7 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
     };
     let mut figs = workload::request_reply(c, call.clone()).await;
     figs.extend(workload::async_calls(c, call).await);
+    let id_header = std::env::var_os(ID_HEADER_ENV).is_some();
     figs.extend(
         workload::events(
             c,
@@ -226,7 +233,13 @@ pub(crate) async fn run(url: &str, c: &Counts, counter: &mut Counter) -> Vec<Fig
                 let (producer, topic) = (producer.clone(), s.events.clone());
                 async move {
                     let body = encode(i);
-                    let r = FutureRecord::<str, [u8]>::to(&topic).payload(&body);
+                    let mut r = FutureRecord::<str, [u8]>::to(&topic).payload(&body);
+                    if id_header {
+                        r = r.headers(OwnedHeaders::new().insert(Header {
+                            key: "ce-id",
+                            value: Some(SAMPLE_ID),
+                        }));
+                    }
                     producer.send(r, WITHIN).await.expect("event produced");
                 }
             },
