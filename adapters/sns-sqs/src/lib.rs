@@ -1,9 +1,9 @@
 //! # switchboard-sns-sqs
 //!
 //! The SNS/SQS transport of switchboard, **in progress**: this crate has its configuration
-//! (`sns+sqs://` URLs) and the names of its topics and queues so far; the transport itself
-//! (aws-sdk-sns and aws-sdk-sqs) is not written yet, and `switchboard::connect` does not take
-//! these URLs yet.
+//! (`sns+sqs://` URLs), the names of its topics and queues, and its codec (envelope ⇄ body and
+//! String attributes, [`codec`]) so far; the transport itself (aws-sdk-sns and aws-sdk-sqs)
+//! is not written yet, and `switchboard::connect` does not take these URLs yet.
 //!
 //! The plan it is built to (SPEC §4, docs/wire.md):
 //!
@@ -17,6 +17,7 @@
 //! Envelope fields travel as String message attributes (Binary attributes are avoided: a
 //! local emulator, moto, loses such messages).
 
+pub mod codec;
 mod config;
 
 pub use config::{Kind, SnsSqsConfig};
