@@ -21,7 +21,7 @@
 //! | `nats://host:port`, `tls://` | NATS + JetStream | `nats` | available |
 //! | `amqp://`, `amqps://` | RabbitMQ | `rabbitmq` | available |
 //! | `kafka://host:port` | Kafka API | `kafka` | available |
-//! | `sqs://`, `sns+sqs://` | SNS/SQS | `sns-sqs` | planned |
+//! | `sns+sqs://`, `sqs://` | SNS/SQS | `sns-sqs` | available |
 //!
 //! ## Quick start
 //! ```
@@ -63,6 +63,10 @@ pub use switchboard_grpc as grpc;
 #[cfg(feature = "kafka")]
 pub use switchboard_kafka as kafka;
 
+/// The SNS/SQS transport (feature `sns-sqs`, in progress).
+#[cfg(feature = "sns-sqs")]
+pub use switchboard_sns_sqs as sns_sqs;
+
 /// The NATS transport (feature `nats`).
 #[cfg(feature = "nats")]
 pub use switchboard_nats as nats;
@@ -89,7 +93,7 @@ const SCHEMES: &[(&str, &str)] = &[
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let client = switchboard::connect("memory://").await.expect("memory is always there");
-/// let err = switchboard::connect("sns+sqs://").await.expect_err("not compiled in");
+/// let err = switchboard::connect("carrier-pigeon://coop").await.expect_err("no such transport");
 /// assert_eq!(err.kind(), switchboard::ErrorKind::InvalidConfig);
 /// # client.shutdown().await.unwrap();
 /// # }
@@ -134,6 +138,11 @@ pub async fn connect_with(url: &Url, config: ClientConfig) -> Result<Client> {
             let transport = switchboard_kafka::connect(url).await?;
             Ok(Client::new(transport, config))
         }
+        #[cfg(feature = "sns-sqs")]
+        "sns+sqs" | "sqs" => {
+            let transport = switchboard_sns_sqs::connect(url).await?;
+            Ok(Client::new(transport, config))
+        }
         #[cfg(feature = "rabbitmq")]
         "amqp" | "amqps" => {
             let transport = switchboard_rabbitmq::connect(url).await?;
@@ -175,7 +184,6 @@ mod tests {
                 "carrier-pigeon://coop",
                 "unknown transport scheme `carrier-pigeon`",
             ),
-            ("sqs://127.0.0.1:5000", "needs cargo feature `sns-sqs`"),
             ("memory://?timeout_ms=soon", "timeout_ms"),
             ("memory://?timeout_ms=0", "timeout_ms"),
             ("memory://?bogus=1", "unknown option `bogus`"),
@@ -185,6 +193,10 @@ mod tests {
         .chain(
             cfg!(not(feature = "kafka"))
                 .then_some(("kafka://127.0.0.1:9092", "needs cargo feature `kafka`")),
+        )
+        .chain(
+            cfg!(not(feature = "sns-sqs"))
+                .then_some(("sqs://127.0.0.1:5000", "needs cargo feature `sns-sqs`")),
         ) {
             let err = connect(url).await.expect_err(url);
             assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{url}");
@@ -205,6 +217,9 @@ mod tests {
         }
         if cfg!(feature = "kafka") {
             urls.push("kafka://ada:hunter2@127.0.0.1:1?connect_timeout_ms=2000");
+        }
+        if cfg!(feature = "sns-sqs") {
+            urls.push("sns+sqs://ada:hunter2@127.0.0.1:1?connect_timeout_ms=2000");
         }
         for url in urls {
             let started = std::time::Instant::now();

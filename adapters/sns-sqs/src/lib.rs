@@ -19,8 +19,18 @@
 
 pub mod codec;
 mod config;
+mod transport;
 
 pub use config::{Kind, SnsSqsConfig};
+pub use transport::SnsSqsTransport;
+
+/// Connects a transport from a `sns+sqs://` (or `sqs://`) URL.
+///
+/// # Errors
+/// `InvalidConfig` for a bad URL, `Connection` if SQS does not answer.
+pub async fn connect(url: &url::Url) -> switchboard_core::Result<SnsSqsTransport> {
+    SnsSqsTransport::connect(SnsSqsConfig::from_url(url)?).await
+}
 
 /// The adapter's name in errors and logs.
 pub const NAME: &str = "sns-sqs";
