@@ -1007,13 +1007,20 @@ pub async fn graceful_shutdown_loses_nothing(h: Harness) -> Outcome {
     let n = 60usize;
     let started: Arc<Mutex<Vec<u64>>> = Arc::default();
     let finished: Arc<Mutex<Vec<u64>>> = Arc::default();
+    // Once 8 are done, handlers wait at this gate until shutdown has begun: however fast or
+    // slow the transport brings events, shutdown finds handlers mid-way and events unstarted.
+    let gate = Arc::new(Semaphore::new(0));
     let handler = {
-        let (st, fi) = (started.clone(), finished.clone());
+        let (st, fi, gate) = (started.clone(), finished.clone(), gate.clone());
         move |e: Item, _ctx: switchboard::Context| {
-            let (st, fi) = (st.clone(), fi.clone());
+            let (st, fi, gate) = (st.clone(), fi.clone(), gate.clone());
             async move {
                 st.lock().expect("lock").push(e.id);
-                // Work that takes a while, so shutdown finds handlers mid-way.
+                let hold = fi.lock().expect("lock").len() >= 8;
+                if hold {
+                    let _ = tokio::time::timeout(STEP * 6, gate.acquire()).await;
+                }
+                // Work that takes a while.
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 fi.lock().expect("lock").push(e.id);
                 Ok(())
@@ -1042,7 +1049,12 @@ pub async fn graceful_shutdown_loses_nothing(h: Harness) -> Outcome {
         finished.lock().expect("lock").len() >= 8
     })
     .await;
-    within("graceful shutdown", service.shutdown()).await;
+    // Shutdown stops taking deliveries as it starts; then the held handlers may finish.
+    let shutdown = service.shutdown();
+    tokio::pin!(shutdown);
+    let _ = futures::poll!(&mut shutdown);
+    gate.close();
+    within("graceful shutdown", shutdown).await;
     {
         let st = started.lock().expect("lock");
         let fi = finished.lock().expect("lock");

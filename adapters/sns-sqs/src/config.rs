@@ -124,10 +124,9 @@ pub enum Kind {
     Group,
     /// The SQS queue of a request pattern.
     Requests,
-    /// The SQS queue of a pattern's dead letters.
+    /// The SQS queue of a pattern's dead letters (also the redrive target of its other
+    /// queues).
     DeadLetters,
-    /// The redrive dead-letter queue of another queue.
-    Redrive,
     /// A client's reply queue.
     Replies,
 }
@@ -139,7 +138,6 @@ impl Kind {
             Kind::Group => "grp",
             Kind::Requests => "req",
             Kind::DeadLetters => "dlq",
-            Kind::Redrive => "rdr",
             Kind::Replies => "reply",
         }
     }

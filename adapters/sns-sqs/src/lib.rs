@@ -1,16 +1,16 @@
 //! # switchboard-sns-sqs
 //!
-//! The SNS/SQS transport of switchboard, **in progress**: this crate has its configuration
-//! (`sns+sqs://` URLs), the names of its topics and queues, and its codec (envelope ⇄ body and
-//! String attributes, [`codec`]) so far; the transport itself (aws-sdk-sns and aws-sdk-sqs)
-//! is not written yet, and `switchboard::connect` does not take these URLs yet.
-//!
-//! The plan it is built to (SPEC §4, docs/wire.md):
+//! The SNS/SQS transport of switchboard (aws-sdk-sns, aws-sdk-sqs), picked by `sns+sqs://`
+//! (or `sqs://`) URLs when the `switchboard` crate is built with feature `sns-sqs`. See
+//! [`SnsSqsConfig`] for the URL and `docs/sns-sqs.md` for the whole mapping. Still to come: the
+//! restart case and the benchmark.
 //!
 //! | call | SNS/SQS feature used |
 //! | --- | --- |
-//! | `emit` | publish to the pattern's SNS topic (`<prefix>-evt-…`) |
-//! | event handlers | one SQS queue per (pattern, group) (`<prefix>-grp-…`), subscribed to the topic with raw message delivery; long polling; a redrive policy to `<prefix>-rdr-…` |
+//! | `emit` | publish to the pattern's SNS topic (`<prefix>-evt-…`), returning once SNS accepted it |
+//! | event handlers | one SQS queue per (pattern, group) (`<prefix>-grp-…`), subscribed to the topic with raw message delivery; long polling; a redrive policy to the pattern's dead-letter queue |
+//! | ack, nack | delete the message; make it visible again after the retry delay |
+//! | dead letters | `<prefix>-dlq-…`, with the reason headers |
 //! | `send`, `request` | a message on the pattern's SQS queue (`<prefix>-req-…`) carrying the client's reply queue; replies on one long-lived reply queue per client instance (`<prefix>-reply-…`), matched by correlation attribute; deleted at shutdown, stale ones reaped |
 //! | order per key | FIFO topics and queues (`fifo=true`), the key as message group id |
 //!

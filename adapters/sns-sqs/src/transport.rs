@@ -117,7 +117,13 @@ impl SnsSqsTransport {
                 "switchboard URL",
             ));
         }
-        let sdk = loader.load().await;
+        // HTTPS on rustls with ring, like every other TLS client of the project.
+        let https = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let sdk = loader.http_client(https).load().await;
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         let sns = aws_sdk_sns::Client::new(&sdk);
         let probe = sqs.list_queues().max_results(1).send();

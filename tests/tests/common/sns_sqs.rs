@@ -34,7 +34,12 @@ pub(crate) async fn harness(name: &'static str, url: String) -> Harness {
             "test",
         ));
     }
-    let sns = aws_sdk_sns::Client::new(&loader.load().await);
+    let https = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let sns = aws_sdk_sns::Client::new(&loader.http_client(https).load().await);
     Harness::connecting_to(name, url)
         .await
         .scale_load(0.1)
