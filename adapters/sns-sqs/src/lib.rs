@@ -3,7 +3,7 @@
 //! The SNS/SQS transport of switchboard (aws-sdk-sns, aws-sdk-sqs), picked by `sns+sqs://`
 //! (or `sqs://`) URLs when the `switchboard` crate is built with feature `sns-sqs`. See
 //! [`SnsSqsConfig`] for the URL and `docs/sns-sqs.md` for the whole mapping. Still to come: the
-//! restart case and the benchmark.
+//! restart case.
 //!
 //! | call | SNS/SQS feature used |
 //! | --- | --- |

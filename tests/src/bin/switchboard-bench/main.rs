@@ -13,7 +13,7 @@
 //!
 //! For a broker the responder and the event consumer run in a second process (this program
 //! started with `--serve`), one per run and side; the raw side is the broker's own Rust client
-//! (async-nats, lapin, rdkafka) doing the same work. For `memory` the raw side is plain tokio channels
+//! (async-nats, lapin, rdkafka, aws-sdk-sqs/sns) doing the same work. For `memory` the raw side is plain tokio channels
 //! and both sides run in one process (an in-memory transport cannot cross processes).
 
 mod child;
@@ -29,6 +29,8 @@ mod nats;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 mod sb;
+#[cfg(feature = "sns-sqs")]
+mod sns_sqs;
 mod workload;
 
 use std::io::Write;
@@ -42,7 +44,7 @@ use crate::workload::{Counter, Counts, Figure};
 #[derive(Parser, Debug)]
 #[command(about = "switchboard benchmarks beside the raw client, as JSON lines and a ratio table")]
 struct Args {
-    /// Transport to measure: memory, nats, rabbitmq, kafka, grpc; or `gateway` for
+    /// Transport to measure: memory, nats, rabbitmq, kafka, sns-sqs, grpc; or `gateway` for
     /// `gateway_added_latency` (through the gateway against directly).
     #[arg(long, default_value = "memory")]
     transport: String,
@@ -85,6 +87,8 @@ fn default_url(transport: &str) -> Option<&'static str> {
         // tansu (scripts/brokers up kafka) holds every fetch for `fetch.wait.max.ms`: 5 ms.
         // Each run adds a prefix of its own (fresh topics; see kafka.rs).
         "kafka" => "kafka://127.0.0.1:9092?fetch_wait_ms=5",
+        // moto (scripts/brokers up sqs); each run adds a prefix of its own.
+        "sns-sqs" => "sns+sqs://test:test@127.0.0.1:4566?wait_s=1",
         // The switchboard server's address; the raw tonic server takes the next port.
         "grpc" => "grpc://127.0.0.1:50151",
         // The gateway's address; the direct handler takes the next port.
@@ -98,6 +102,7 @@ fn compiled(transport: &str) -> bool {
         || (transport == "nats" && cfg!(feature = "nats"))
         || (transport == "rabbitmq" && cfg!(feature = "rabbitmq"))
         || (transport == "kafka" && cfg!(feature = "kafka"))
+        || (transport == "sns-sqs" && cfg!(feature = "sns-sqs"))
         || ((transport == "grpc" || transport == "gateway") && cfg!(feature = "grpc"))
 }
 
@@ -128,6 +133,8 @@ async fn serve(system: &str, transport: &str, url: &str, total: u64) {
                 "rabbitmq" => rabbitmq::serve(url, counted.clone(), all.clone(), total).await,
                 #[cfg(feature = "kafka")]
                 "kafka" => kafka::serve(url, counted.clone(), all.clone(), total).await,
+                #[cfg(feature = "sns-sqs")]
+                "sns-sqs" => sns_sqs::serve(url, counted.clone(), all.clone(), total).await,
                 #[cfg(feature = "grpc")]
                 "grpc" | "gateway" => {
                     grpc::serve_raw(url, counted.clone(), all.clone(), total).await
@@ -160,6 +167,8 @@ async fn broker_run(system: &str, transport: &str, url: &str, c: &Counts) -> Vec
         ("raw", "rabbitmq") => rabbitmq::run(url, c, &mut counter).await,
         #[cfg(feature = "kafka")]
         ("raw", "kafka") => kafka::run(url, c, &mut counter).await,
+        #[cfg(feature = "sns-sqs")]
+        ("raw", "sns-sqs") => sns_sqs::run(url, c, &mut counter).await,
         #[cfg(feature = "grpc")]
         ("raw", "grpc") => grpc::run_raw(url, c, &mut counter).await,
         (s, t) => panic!("no {s} client for `{t}`"),
@@ -202,8 +211,8 @@ async fn run_side(system: &str, transport: &str, url: &str, run: usize, c: &Coun
         server.shutdown().await.expect("shutdown");
         return figs;
     }
-    if transport == "kafka" {
-        // Topics of this run and side alone.
+    if transport == "kafka" || transport == "sns-sqs" {
+        // Topics (and queues) of this run and side alone.
         let sep = if url.contains('?') { '&' } else { '?' };
         let url = format!(
             "{url}{sep}prefix=sbbench{}r{run}{}",
@@ -282,7 +291,7 @@ fn main() {
     let args = Args::parse();
     if !compiled(&args.transport) {
         eprintln!(
-            "transport `{}` is not available in this build of the bench (known: memory, nats, rabbitmq, kafka, grpc; the others need the crate features of the same name)",
+            "transport `{}` is not available in this build of the bench (known: memory, nats, rabbitmq, kafka, sns-sqs, grpc; the others need the crate features of the same name)",
             args.transport
         );
         std::process::exit(2);
