@@ -202,6 +202,44 @@ impl SnsSqsConfig {
         Ok(cfg)
     }
 
+    /// The AWS SDK settings these options make: region, endpoint, credentials (static, or the
+    /// standard chain), connect timeout, and an HTTPS client on rustls with ring (as every other
+    /// TLS client of the project: aws-lc-rs beside ring leaves rustls without a process
+    /// default). For `aws_sdk_sqs::Client::new` and `aws_sdk_sns::Client::new`, also outside
+    /// the transport (tests, benchmarks).
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        use aws_config::{BehaviorVersion, Region};
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(self.connect_timeout)
+                .build(),
+        );
+        match (&self.region, &self.endpoint) {
+            (Some(r), _) => loader = loader.region(Region::new(r.clone())),
+            // A local endpoint: no region lookup (it could ask instance metadata).
+            (None, Some(_)) => loader = loader.region(Region::new("us-east-1")),
+            (None, None) => {}
+        }
+        if let Some(e) = &self.endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        if let (Some(id), Some(secret)) = (&self.access_key_id, &self.secret_access_key) {
+            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                id,
+                secret.expose(),
+                None,
+                None,
+                "switchboard URL",
+            ));
+        }
+        let https = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        loader.http_client(https).load().await
+    }
+
     /// The name of the topic or queue of `kind` for `pattern` (a group queue: `pattern` and
     /// `group`; a reply queue: the client's name). SNS and SQS allow only letters, digits, `-`
     /// and `_` (queues: at most 80), so the readable part keeps those and writes `.` as `_`,

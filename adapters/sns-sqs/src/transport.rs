@@ -93,37 +93,7 @@ impl SnsSqsTransport {
     /// `Connection` if SQS does not answer within the connect timeout; `InvalidConfig` if it
     /// refuses the credentials.
     pub async fn connect(cfg: SnsSqsConfig) -> Result<Self> {
-        use aws_config::{BehaviorVersion, Region};
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .connect_timeout(cfg.connect_timeout)
-                .build(),
-        );
-        match (&cfg.region, &cfg.endpoint) {
-            (Some(r), _) => loader = loader.region(Region::new(r.clone())),
-            // A local endpoint: no region lookup (it could ask instance metadata).
-            (None, Some(_)) => loader = loader.region(Region::new("us-east-1")),
-            (None, None) => {}
-        }
-        if let Some(e) = &cfg.endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
-            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                id,
-                secret.expose(),
-                None,
-                None,
-                "switchboard URL",
-            ));
-        }
-        // HTTPS on rustls with ring, like every other TLS client of the project.
-        let https = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let sdk = loader.http_client(https).load().await;
+        let sdk = cfg.sdk_config().await;
         let sqs = aws_sdk_sqs::Client::new(&sdk);
         let sns = aws_sdk_sns::Client::new(&sdk);
         let probe = sqs.list_queues().max_results(1).send();

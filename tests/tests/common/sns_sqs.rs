@@ -19,27 +19,7 @@ pub(crate) fn url(extra: &str) -> String {
 
 pub(crate) async fn harness(name: &'static str, url: String) -> Harness {
     let cfg = SnsSqsConfig::from_url(&url::Url::parse(&url).expect("URL")).expect("config");
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(
-        aws_config::Region::new(cfg.region.clone().unwrap_or_else(|| "us-east-1".into())),
-    );
-    if let Some(e) = &cfg.endpoint {
-        loader = loader.endpoint_url(e);
-    }
-    if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
-        loader = loader.credentials_provider(aws_sdk_sns::config::Credentials::new(
-            id,
-            secret.expose(),
-            None,
-            None,
-            "test",
-        ));
-    }
-    let https = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let sns = aws_sdk_sns::Client::new(&loader.http_client(https).load().await);
+    let sns = aws_sdk_sns::Client::new(&cfg.sdk_config().await);
     Harness::connecting_to(name, url)
         .await
         .scale_load(0.1)

@@ -31,27 +31,7 @@ struct Setup {
 impl Setup {
     async fn of(url: &str) -> Self {
         let cfg = SnsSqsConfig::from_url(&url::Url::parse(url).expect("URL")).expect("config");
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).region(
-            aws_config::Region::new(cfg.region.clone().unwrap_or_else(|| "us-east-1".into())),
-        );
-        if let Some(e) = &cfg.endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
-            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                id,
-                secret.expose(),
-                None,
-                None,
-                "bench",
-            ));
-        }
-        let https = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let sdk = loader.http_client(https).load().await;
+        let sdk = cfg.sdk_config().await;
         Setup {
             sqs: aws_sdk_sqs::Client::new(&sdk),
             sns: aws_sdk_sns::Client::new(&sdk),
