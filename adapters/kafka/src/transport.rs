@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +13,9 @@ use dashmap::DashMap;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -39,6 +42,10 @@ pub const NOT_BEFORE: &str = "sb-not-before";
 const MAX_PAYLOAD: usize = 1_000_000 - 16 * 1024;
 /// Bound on a publish when the message has no deadline of its own.
 const PUBLISH_WITHIN: Duration = Duration::from_secs(30);
+/// How long librdkafka keeps trying to deliver a record (`message.timeout.ms`): a publish
+/// waits for its own deadline (or [`PUBLISH_WITHIN`]), which may be longer than the default
+/// wait, so the producer's own limit must not cut it short.
+const PRODUCER_GIVES_UP: Duration = Duration::from_secs(300);
 
 /// The Kafka transport.
 #[derive(Clone)]
@@ -81,8 +88,12 @@ impl KafkaTransport {
     pub async fn connect(cfg: KafkaConfig) -> Result<Self> {
         let mut pc = cfg.client_config();
         pc.set("acks", "all")
-            // librdkafka gives up on a record after this; a publish waits at most as long.
-            .set("message.timeout.ms", PUBLISH_WITHIN.as_millis().to_string())
+            // librdkafka gives up on a record after this; each publish waits for its own
+            // deadline, within it.
+            .set(
+                "message.timeout.ms",
+                PRODUCER_GIVES_UP.as_millis().to_string(),
+            )
             .set("linger.ms", cfg.linger.as_millis().to_string())
             .set("batch.num.messages", cfg.batch_records.to_string());
         let producer: FutureProducer = pc
@@ -389,6 +400,9 @@ struct Shared {
     /// Deliveries for the reader to hand out next: a keyed record whose turn came, or a keyed
     /// record's retry.
     again: mpsc::UnboundedSender<Delivery>,
+    /// Set when the consumer let go of the subscription: deliveries dropped from then on were
+    /// never handed to a handler, and are left to the group (not retried).
+    stopped: Arc<AtomicBool>,
 }
 
 impl Drop for Shared {
@@ -572,7 +586,7 @@ impl Acker for KafkaAcker {
 
 impl Drop for KafkaAcker {
     fn drop(&mut self) {
-        if self.settled || self.shared.again.is_closed() {
+        if self.settled || self.shared.stopped.load(Ordering::Acquire) {
             // Settled; or the subscription is gone: the offset stays uncommitted and the
             // group reads the record again (here after a restart, or on another member).
             return;
@@ -753,6 +767,7 @@ impl Subscriber for KafkaTransport {
             .subscribe(&[topic.as_str()])
             .map_err(|e| kafka_error(&format!("subscribing to `{topic}`"), e))?;
         let (again_tx, again_rx) = mpsc::unbounded_channel();
+        let stopped = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             transport: self.clone(),
             consumer: consumer.clone(),
@@ -761,8 +776,9 @@ impl Subscriber for KafkaTransport {
             offsets: Mutex::new(Offsets::default()),
             lines: Mutex::new(HashMap::new()),
             again: again_tx,
+            stopped: stopped.clone(),
         });
-        let (tx, mut rx) = mpsc::channel(opts.prefetch.max(1));
+        let (tx, rx) = mpsc::channel(opts.prefetch.max(1));
         let closed = self.inner.closed.clone();
         tokio::spawn(read_group(shared, again_rx, tx, closed));
         // A handler is reachable once this returns: wait for the group to hand this member
@@ -778,8 +794,22 @@ impl Subscriber for KafkaTransport {
                 ));
             }
         }
-        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        Ok(Subscription::new(stream))
+        let stream = Handed { rx, stopped };
+        // A graceful stop commits what was handled before it returns, so the member that
+        // takes the partitions next starts after it (the periodic commit may not have run).
+        let finish = async move {
+            let commit = tokio::task::spawn_blocking(move || {
+                consumer.commit_consumer_state(CommitMode::Sync)
+            });
+            match commit.await {
+                Ok(Ok(())) | Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(group = %group, error = %e, "committing at shutdown; handled records may come again");
+                }
+                Err(e) => tracing::warn!(group = %group, error = %e, "committing at shutdown"),
+            }
+        };
+        Ok(Subscription::new(stream).with_finish(finish))
     }
 
     async fn open_inbox(&self, name: &str) -> Result<Inbox> {
@@ -823,6 +853,31 @@ impl Subscriber for KafkaTransport {
         });
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(Inbox::new(topic, Subscription::new(stream)).with_connection_lost(lost.subscribe()))
+    }
+}
+
+/// The deliveries of a group subscription as its consumer takes them. Dropped, it marks the
+/// subscription stopped before the deliveries still in its buffer go: those were never handed
+/// out, so they are left to the group rather than retried.
+struct Handed {
+    rx: mpsc::Receiver<Delivery>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl futures::Stream for Handed {
+    type Item = Delivery;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Release);
     }
 }
 

@@ -715,11 +715,8 @@ impl Client {
         for s in &services {
             s.stop();
         }
-        let drain = async {
-            for s in &services {
-                s.drained().await;
-            }
-        };
+        // Drained side by side: each may end with its transport's finishing work (a commit).
+        let drain = futures::future::join_all(services.iter().map(ServiceControl::drained));
         if tokio::time::timeout(self.inner.config.drain_timeout, drain)
             .await
             .is_err()

@@ -18,8 +18,8 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -252,6 +252,16 @@ pub(crate) struct ServiceControl {
     cancel: CloseSignal,
     tracker: TaskTracker,
     in_flight: Arc<AtomicUsize>,
+    /// The subscription's finishing work, run once after the drain.
+    finish: Arc<Finish>,
+}
+
+/// A subscription's finishing work ([`Subscription::with_finish`]): run by the first graceful
+/// stop that finds the service drained; any other waits for the same run.
+#[derive(Default)]
+struct Finish {
+    work: Mutex<Option<BoxFuture<'static, ()>>>,
+    done: tokio::sync::OnceCell<()>,
 }
 
 impl ServiceControl {
@@ -259,8 +269,33 @@ impl ServiceControl {
         self.cancel.close();
     }
 
+    /// Whether nothing of the service is left to run or finish.
+    pub(crate) fn ended(&self) -> bool {
+        self.tracker.is_empty()
+            && self
+                .finish
+                .work
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+    }
+
     pub(crate) async fn drained(&self) {
         self.tracker.wait().await;
+        self.finish
+            .done
+            .get_or_init(|| async {
+                let work = self
+                    .finish
+                    .work
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(work) = work {
+                    work.await;
+                }
+            })
+            .await;
     }
 }
 
@@ -401,13 +436,17 @@ impl Client {
         kind: Kind,
         group: Option<String>,
         opts: HandlerOptions,
-        sub: Subscription,
+        mut sub: Subscription,
         handler: H,
     ) -> Service {
         let control = ServiceControl {
             cancel: CloseSignal::new(),
             tracker: TaskTracker::new(),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            finish: Arc::new(Finish {
+                work: Mutex::new(sub.take_finish()),
+                done: tokio::sync::OnceCell::new(),
+            }),
         };
         let worker = Arc::new(Worker {
             client: self.clone(),
@@ -436,7 +475,7 @@ impl Client {
             .unwrap_or_else(|p| p.into_inner());
         // Services that have ended are forgotten here: a client whose handlers come and go
         // (a gateway's, one set per connected client) keeps only the live ones.
-        services.retain(|s| !s.tracker.is_empty());
+        services.retain(|s| !s.ended());
         services.push(control.clone());
         drop(services);
         Service {

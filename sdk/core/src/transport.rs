@@ -311,6 +311,8 @@ pub struct Subscription {
     /// Where the consumer may offer to run deliveries in the sender's own task (the
     /// in-memory transport's requests).
     direct: Option<Arc<DirectSlot>>,
+    /// Run once the consumer is done with the subscription (see [`Subscription::with_finish`]).
+    finish: Option<futures::future::BoxFuture<'static, ()>>,
 }
 
 impl fmt::Debug for Subscription {
@@ -325,7 +327,23 @@ impl Subscription {
         Subscription {
             inner: Box::pin(stream),
             direct: None,
+            finish: None,
         }
+    }
+
+    /// Work to finish once the consumer is done with this subscription: stopped taking
+    /// deliveries and every delivery it took settled. A graceful stop (`Service::shutdown`,
+    /// `Client::shutdown`) awaits it before returning, so what it does (committing a
+    /// consumer's positions, say) has happened by then. Not run when the subscription is
+    /// dropped without a graceful stop.
+    pub fn with_finish(mut self, finish: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.finish = Some(Box::pin(finish));
+        self
+    }
+
+    /// Takes the work to finish with, if the transport gave any.
+    pub(crate) fn take_finish(&mut self) -> Option<futures::future::BoxFuture<'static, ()>> {
+        self.finish.take()
     }
 
     /// Lets the consumer register with `slot` to run deliveries in the sender's task.
