@@ -6,9 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use aws_sdk_sqs::config::retry::RetryConfig;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use dashmap::DashMap;
+use futures::FutureExt;
 use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Route, SubscribeOptions,
     Subscriber, Subscription, Transport,
@@ -520,7 +522,7 @@ impl Subscriber for SnsSqsTransport {
             }
         };
         let (tx, mut rx) = mpsc::channel(opts.prefetch.max(1));
-        tokio::spawn(read_queue(self.clone(), url, pattern.to_owned(), tx, false));
+        tokio::spawn(read_queue(self.clone(), url, pattern.to_owned(), tx, None));
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(Subscription::new(stream))
     }
@@ -558,21 +560,32 @@ impl Subscriber for SnsSqsTransport {
             }
         });
         let (tx, mut rx) = mpsc::channel(1024);
-        tokio::spawn(read_queue(self.clone(), url.clone(), url.clone(), tx, true));
+        let lost = Arc::new(tokio::sync::watch::channel(0u64).0);
+        tokio::spawn(read_queue(
+            self.clone(),
+            url.clone(),
+            url.clone(),
+            tx,
+            Some(lost.clone()),
+        ));
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        Ok(Inbox::new(url, Subscription::new(stream)))
+        Ok(Inbox::new(url, Subscription::new(stream)).with_connection_lost(lost.subscribe()))
     }
 }
 
 /// Reads one queue with long polls while its subscription is open, taking no more than the
-/// subscription has room for. Replies (`replies`) are deleted as they are read; other
-/// messages when their handler settles them.
+/// subscription has room for. Replies (`replies`: the inbox's connection-lost counter) are
+/// deleted as they are read; other messages when their handler settles them.
+///
+/// The reply queue is read without the SDK's retries, so that the first failure to reach the
+/// endpoint is seen: the requests waiting for replies then fail at once, retryably, instead of
+/// at their deadlines.
 async fn read_queue(
     t: SnsSqsTransport,
     url: String,
     pattern: String,
     tx: mpsc::Sender<Delivery>,
-    replies: bool,
+    replies: Option<Arc<tokio::sync::watch::Sender<u64>>>,
 ) {
     let cfg = &t.inner.cfg;
     let mut backoff = Duration::from_millis(100);
@@ -595,8 +608,17 @@ async fn read_queue(
             .max_number_of_messages(max)
             .wait_time_seconds(cfg.wait.as_secs() as i32)
             .message_attribute_names("All")
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .send();
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount);
+        let receive = match replies {
+            Some(_) => receive
+                .customize()
+                .config_override(
+                    aws_sdk_sqs::config::Builder::default().retry_config(RetryConfig::disabled()),
+                )
+                .send()
+                .boxed(),
+            None => receive.send().boxed(),
+        };
         let out = tokio::select! {
             () = t.inner.closed.closed() => return,
             () = tx.closed() => return,
@@ -609,6 +631,11 @@ async fn read_queue(
             }
             Err(e) => {
                 tracing::warn!(queue = %url, error = %DisplayErrorContext(&e), "receiving");
+                if let Some(lost) = &replies
+                    && matches!(e, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_))
+                {
+                    lost.send_modify(|n| *n += 1);
+                }
                 tokio::select! {
                     () = t.inner.closed.closed() => return,
                     () = tokio::time::sleep(backoff) => {}
@@ -634,7 +661,7 @@ async fn read_queue(
             let (headers, payload, malformed) =
                 codec::decode(m.body.as_deref().unwrap_or_default(), attributes);
             let receipt = m.receipt_handle.unwrap_or_default();
-            let acker: Box<dyn Acker> = if replies {
+            let acker: Box<dyn Acker> = if replies.is_some() {
                 done.push(receipt);
                 Box::new(NoAck)
             } else {

@@ -10,9 +10,27 @@ use switchboard_conformance::Harness;
 use switchboard_sns_sqs::{Kind, SnsSqsConfig};
 
 /// The endpoint, with `extra` options.
+#[allow(dead_code, reason = "the restart case goes through the relay")]
 pub(crate) fn url(extra: &str) -> String {
-    let base = std::env::var("SB_SQS_URL")
-        .unwrap_or_else(|_| "sns+sqs://test:test@127.0.0.1:4566?region=us-east-1".into());
+    with_options(
+        std::env::var("SB_SQS_URL")
+            .unwrap_or_else(|_| "sns+sqs://test:test@127.0.0.1:4566?region=us-east-1".into()),
+        extra,
+    )
+}
+
+/// The endpoint through the relay at `SB_SQS_RELAY_URL` (default `127.0.0.1:4567`,
+/// `scripts/brokers up sqs-relay`), which the restart case stops and starts again.
+#[allow(dead_code, reason = "the suite talks to the endpoint directly")]
+pub(crate) fn relay_url(extra: &str) -> String {
+    with_options(
+        std::env::var("SB_SQS_RELAY_URL")
+            .unwrap_or_else(|_| "sns+sqs://test:test@127.0.0.1:4567?region=us-east-1".into()),
+        extra,
+    )
+}
+
+fn with_options(base: String, extra: &str) -> String {
     let sep = if base.contains('?') { '&' } else { '?' };
     format!("{base}{sep}wait_s=1&visibility_s=10{extra}")
 }
