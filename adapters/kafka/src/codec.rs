@@ -9,6 +9,7 @@
 //!
 //! Ids and the deadline are formatted on the stack: no string is allocated per header.
 
+use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 use switchboard_core::envelope::system_time_to_millis;
 use switchboard_core::transport::Route;
@@ -71,6 +72,71 @@ impl Builder {
     }
 }
 
+/// A record's headers copied out of the record in one buffer: for each, the key's and the
+/// value's lengths (`u32`, little-endian), then their bytes. Every key and value is UTF-8
+/// (checked when packed). One allocation, however many headers; a clone shares it.
+#[derive(Clone, Default)]
+pub(crate) struct PackedHeaders(Bytes);
+
+impl PackedHeaders {
+    /// Packs the `(key, value)` pairs `headers()` yields (a missing value is empty); `Err`
+    /// names a value that is not UTF-8.
+    pub(crate) fn pack<'a, I>(headers: impl Fn() -> I) -> Result<Self, String>
+    where
+        I: Iterator<Item = (&'a str, Option<&'a [u8]>)>,
+    {
+        let mut size = 0;
+        for (k, v) in headers() {
+            let v = v.unwrap_or_default();
+            if std::str::from_utf8(v).is_err() {
+                return Err(format!("header `{k}` is not UTF-8"));
+            }
+            size += 8 + k.len() + v.len();
+        }
+        let mut buf = Vec::with_capacity(size);
+        for (k, v) in headers() {
+            let v = v.unwrap_or_default();
+            buf.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            buf.extend_from_slice(k.as_bytes());
+            buf.extend_from_slice(v);
+        }
+        Ok(PackedHeaders(Bytes::from(buf)))
+    }
+
+    /// The headers in record order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let mut rest = &self.0[..];
+        std::iter::from_fn(move || {
+            let (k_len, rest_after) = take_len(rest)?;
+            let (v_len, rest_after) = take_len(rest_after)?;
+            let k = rest_after.get(..k_len)?;
+            let v = rest_after.get(k_len..k_len + v_len)?;
+            rest = &rest_after[k_len + v_len..];
+            // Checked when packed; a failure here would be a bug, and ends the iteration.
+            Some((std::str::from_utf8(k).ok()?, std::str::from_utf8(v).ok()?))
+        })
+    }
+
+    /// The value of the last header named `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.iter()
+            .filter(|(k, _)| *k == name)
+            .last()
+            .map(|(_, v)| v)
+    }
+
+    /// How many headers there are.
+    pub(crate) fn len(&self) -> usize {
+        self.iter().count()
+    }
+}
+
+fn take_len(b: &[u8]) -> Option<(usize, &[u8])> {
+    let (n, rest) = b.split_first_chunk::<4>()?;
+    Some((u32::from_le_bytes(*n) as usize, rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +183,36 @@ mod tests {
         assert_eq!(back.deadline, env.deadline);
         assert_eq!(back.key, env.key);
         assert_eq!(back.headers.get("tenant").map(String::as_str), Some("acme"));
+    }
+
+    #[test]
+    fn packed_headers_give_back_every_pair_in_order_and_refuse_what_is_not_utf8() {
+        let pairs: [(&str, Option<&[u8]>); 4] = [
+            ("ce-id", Some(b"0192-ab")),
+            ("empty", None),
+            ("tenant", Some("acmé".as_bytes())),
+            ("ce-id", Some(b"second")),
+        ];
+        let p = PackedHeaders::pack(|| pairs.iter().copied()).expect("packs");
+        let got: Vec<_> = p.iter().collect();
+        assert_eq!(
+            got,
+            [
+                ("ce-id", "0192-ab"),
+                ("empty", ""),
+                ("tenant", "acmé"),
+                ("ce-id", "second")
+            ]
+        );
+        assert_eq!(p.get("ce-id"), Some("second"), "the last of a name wins");
+        assert_eq!(p.get("missing"), None);
+        assert_eq!(p.len(), 4);
+        assert_eq!(PackedHeaders::default().iter().count(), 0);
+        let bad: [(&str, Option<&[u8]>); 1] = [("bin", Some(&[0xff, 0xfe]))];
+        assert_eq!(
+            PackedHeaders::pack(|| bad.iter().copied()).err().as_deref(),
+            Some("header `bin` is not UTF-8")
+        );
     }
 
     #[test]

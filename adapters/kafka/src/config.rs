@@ -24,6 +24,7 @@ use crate::NAME;
 /// | `commit_interval_ms` | how often handled offsets are committed | `200` |
 /// | `linger_ms` | how long the producer waits to fill a batch (`linger.ms`) | `5` |
 /// | `batch_records` | most records in one produce batch (`batch.num.messages`) | `10000` |
+/// | `publish_timeout_ms` | longest the producer keeps a record it could not deliver (`message.timeout.ms`); a publish with a shorter deadline gives up at its deadline | `30000` |
 /// | `security_protocol` | `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl` | `plaintext`, or `sasl_plaintext` with credentials |
 /// | `sasl_mechanism` | `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` | `PLAIN` |
 /// | `ssl_ca` | PEM file of the CA to trust | system roots |
@@ -62,6 +63,8 @@ pub struct KafkaConfig {
     pub linger: Duration,
     /// `batch.num.messages` of the producer.
     pub batch_records: usize,
+    /// `message.timeout.ms` of the producer: the longest a publish waits.
+    pub publish_timeout: Duration,
     /// Bound on connecting.
     pub connect_timeout: Duration,
     /// `client.id`.
@@ -82,6 +85,7 @@ impl fmt::Debug for KafkaConfig {
             .field("fetch_wait", &self.fetch_wait)
             .field("linger", &self.linger)
             .field("batch_records", &self.batch_records)
+            .field("publish_timeout", &self.publish_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +106,7 @@ impl Default for KafkaConfig {
             commit_interval: Duration::from_millis(200),
             linger: Duration::from_millis(5),
             batch_records: 10_000,
+            publish_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             client_id: "switchboard".to_owned(),
         }
@@ -117,6 +122,7 @@ const KNOWN: &[&str] = &[
     "commit_interval_ms",
     "linger_ms",
     "batch_records",
+    "publish_timeout_ms",
     "security_protocol",
     "sasl_mechanism",
     "ssl_ca",
@@ -157,6 +163,7 @@ impl KafkaConfig {
                 "commit_interval_ms" => cfg.commit_interval = parse_millis(NAME, &k, &v)?,
                 "linger_ms" => cfg.linger = millis_or_zero(&k, &v)?,
                 "batch_records" => cfg.batch_records = parse_count(NAME, &k, &v)?.max(1),
+                "publish_timeout_ms" => cfg.publish_timeout = parse_millis(NAME, &k, &v)?,
                 "security_protocol" => {
                     let p = v.to_ascii_lowercase();
                     if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&p.as_str()) {
@@ -284,7 +291,7 @@ mod tests {
 
     #[test]
     fn reads_brokers_credentials_and_options() {
-        let c = parse("kafka://ada:s%40cret@10.0.0.1:9093?nodes=10.0.0.2:9092&partitions=6&fetch_wait_ms=0&batch_records=1&timeout_ms=100")
+        let c = parse("kafka://ada:s%40cret@10.0.0.1:9093?nodes=10.0.0.2:9092&partitions=6&fetch_wait_ms=0&batch_records=1&publish_timeout_ms=120000&timeout_ms=100")
             .expect("parses");
         assert_eq!(c.brokers, ["10.0.0.1:9093", "10.0.0.2:9092"]);
         assert_eq!(c.user.as_deref(), Some("ada"));
@@ -293,6 +300,7 @@ mod tests {
         assert_eq!(c.partitions, 6);
         assert_eq!(c.fetch_wait, Duration::ZERO);
         assert_eq!(c.batch_records, 1);
+        assert_eq!(c.publish_timeout, Duration::from_secs(120));
         let shown = format!("{c:?}");
         assert!(
             !shown.contains("s@cret") && shown.contains("***"),

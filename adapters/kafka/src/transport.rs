@@ -29,6 +29,7 @@ use switchboard_core::transport::{
 use switchboard_core::{Envelope, Error, ErrorKind, Result};
 use tokio::sync::mpsc;
 
+use crate::codec::PackedHeaders;
 use crate::{KafkaConfig, NAME};
 
 /// Header with the deliveries a message had before this copy was published (a retry).
@@ -40,12 +41,6 @@ pub const NOT_BEFORE: &str = "sb-not-before";
 /// Largest record value accepted: librdkafka's default `message.max.bytes` (1 MB) less room
 /// for the headers.
 const MAX_PAYLOAD: usize = 1_000_000 - 16 * 1024;
-/// Bound on a publish when the message has no deadline of its own.
-const PUBLISH_WITHIN: Duration = Duration::from_secs(30);
-/// How long librdkafka keeps trying to deliver a record (`message.timeout.ms`): a publish
-/// waits for its own deadline (or [`PUBLISH_WITHIN`]), which may be longer than the default
-/// wait, so the producer's own limit must not cut it short.
-const PRODUCER_GIVES_UP: Duration = Duration::from_secs(300);
 
 /// The Kafka transport.
 #[derive(Clone)]
@@ -71,9 +66,80 @@ impl std::fmt::Debug for KafkaTransport {
     }
 }
 
+fn check_size(payload: &[u8]) -> Result<()> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Error::new(
+            ErrorKind::PayloadTooLarge,
+            NAME,
+            format!(
+                "payload of {} bytes exceeds the limit of {MAX_PAYLOAD} bytes",
+                payload.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The wait for the broker's acknowledgement of one record: librdkafka's delivery report,
+/// and a timer only when the publish must give up sooner than librdkafka does. A named
+/// future of a few words (publishes are boxed by the transport trait: every byte of the
+/// future is allocated and moved per message).
+struct Ack {
+    topic: TopicRef,
+    delivery: rdkafka::producer::DeliveryFuture,
+    timer: Option<(Duration, std::pin::Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Ack {
+    fn new(
+        topic: TopicRef,
+        delivery: rdkafka::producer::DeliveryFuture,
+        within: Option<Duration>,
+    ) -> Self {
+        Ack {
+            topic,
+            delivery,
+            timer: within.map(|w| (w, Box::pin(tokio::time::sleep(w)))),
+        }
+    }
+}
+
+impl Future for Ack {
+    type Output = Result<()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(outcome) = std::pin::Pin::new(&mut this.delivery).poll(cx) {
+            return Poll::Ready(match outcome {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(kafka_error(&format!("publishing to `{}`", this.topic), e)),
+                Err(futures::channel::oneshot::Canceled) => Err(Error::closed(NAME)),
+            });
+        }
+        if let Some((within, timer)) = &mut this.timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(Error::new(
+                ErrorKind::Timeout,
+                NAME,
+                format!(
+                    "publishing to `{}`: no acknowledgement within {within:?} (the record may still be stored)",
+                    this.topic
+                ),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
 fn kafka_error(context: &str, e: KafkaError) -> Error {
     let kind = match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::MessageSizeTooLarge) => ErrorKind::PayloadTooLarge,
+        Some(RDKafkaErrorCode::MessageTimedOut) => ErrorKind::Timeout,
         Some(RDKafkaErrorCode::InvalidConfig) => ErrorKind::InvalidConfig,
         _ => ErrorKind::Connection,
     };
@@ -88,11 +154,11 @@ impl KafkaTransport {
     pub async fn connect(cfg: KafkaConfig) -> Result<Self> {
         let mut pc = cfg.client_config();
         pc.set("acks", "all")
-            // librdkafka gives up on a record after this; each publish waits for its own
-            // deadline, within it.
+            // librdkafka gives up on a record after this and says so: a publish needs no
+            // timer of its own unless its deadline comes sooner.
             .set(
                 "message.timeout.ms",
-                PRODUCER_GIVES_UP.as_millis().to_string(),
+                cfg.publish_timeout.as_millis().to_string(),
             )
             .set("linger.ms", cfg.linger.as_millis().to_string())
             .set("batch.num.messages", cfg.batch_records.to_string());
@@ -136,6 +202,20 @@ impl KafkaTransport {
         } else {
             Ok(())
         }
+    }
+
+    /// The topic of `route` if it is known to exist already: no wait, no allocation.
+    fn known_topic(&self, route: Route<'_>) -> Option<Arc<Topic>> {
+        let (slot, key) = match route {
+            Route::Event(p) => (0, p),
+            Route::Request(p) => (1, p),
+            Route::DeadLetter(p) => (2, p),
+            Route::Reply(name) => (3, name),
+        };
+        self.inner.topics[slot]
+            .get(key)
+            .filter(|t| t.created.initialized())
+            .map(|t| t.clone())
     }
 
     /// The topic of `route`, known to exist (created with the configured partitions, one for a
@@ -205,14 +285,15 @@ impl KafkaTransport {
         Ok(())
     }
 
-    /// Produces one record and waits for the broker's acknowledgement.
+    /// Produces one record and waits for the broker's acknowledgement, at most `within`
+    /// (`None`: the producer's `publish_timeout`).
     async fn produce(
         &self,
-        topic: &str,
+        topic: TopicRef,
         key: Option<&str>,
         headers: OwnedHeaders,
         payload: &[u8],
-        within: Duration,
+        within: Option<Duration>,
     ) -> Result<()> {
         self.enqueue_record(topic, key, headers, payload, within)
             .await?
@@ -221,60 +302,81 @@ impl KafkaTransport {
 
     /// Hands one record to the producer (its place in the partition's order is taken when
     /// this returns) and gives back the wait for the broker's acknowledgement, bounded by
-    /// `within` from now.
+    /// `within` from now, and in any case by the producer's `publish_timeout` (librdkafka
+    /// then fails the record itself, so no timer is set for a bound that is not sooner). A
+    /// full local queue is waited out until the bound.
     async fn enqueue_record(
         &self,
-        topic: &str,
+        topic: TopicRef,
         key: Option<&str>,
         headers: OwnedHeaders,
         payload: &[u8],
-        within: Duration,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static + use<>> {
-        if payload.len() > MAX_PAYLOAD {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                NAME,
-                format!(
-                    "payload of {} bytes exceeds the limit of {MAX_PAYLOAD} bytes",
-                    payload.len()
-                ),
-            ));
-        }
-        let mut record = FutureRecord::<str, [u8]>::to(topic)
+        within: Option<Duration>,
+    ) -> Result<Ack> {
+        check_size(payload)?;
+        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str())
             .payload(payload)
             .headers(headers);
         if let Some(k) = key {
             record = record.key(k);
         }
-        let until = tokio::time::Instant::now() + within;
-        // Enqueued without an intermediate future (its size is copied on every poll); a full
-        // local queue is waited out until `within`.
+        let within = self.bound(within);
+        let until = tokio::time::Instant::now() + within.unwrap_or(self.inner.cfg.publish_timeout);
         let delivery = loop {
             match self.inner.producer.send_result(record) {
                 Ok(d) => break d,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                    if tokio::time::Instant::now() < until =>
-                {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    if tokio::time::Instant::now() >= until {
+                        return Err(Error::new(
+                            ErrorKind::Overloaded,
+                            NAME,
+                            format!(
+                                "publishing to `{topic}`: the producer's queue stayed full (queue.buffering.max.messages)"
+                            ),
+                        ));
+                    }
                     record = r;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((e, _)) => return Err(kafka_error(&format!("publishing to `{topic}`"), e)),
             }
         };
-        let topic = topic.to_owned();
-        Ok(async move {
-            match tokio::time::timeout_at(until, delivery).await {
-                Ok(Ok(Ok(_))) => Ok(()),
-                Ok(Ok(Err((e, _)))) => Err(kafka_error(&format!("publishing to `{topic}`"), e)),
-                Ok(Err(_)) => Err(Error::closed(NAME)),
-                Err(_) => Err(Error::new(
-                    ErrorKind::Timeout,
-                    NAME,
-                    format!(
-                        "publishing to `{topic}`: no acknowledgement within {within:?} (the record may still be stored)"
-                    ),
-                )),
+        Ok(Ack::new(topic, delivery, within))
+    }
+
+    /// The wait a publish needs a timer for: `within` when it comes before librdkafka's own
+    /// bound (`publish_timeout`), else none.
+    fn bound(&self, within: Option<Duration>) -> Option<Duration> {
+        within.filter(|w| *w < self.inner.cfg.publish_timeout)
+    }
+
+    /// The common case without waiting: the topic is known and the producer's queue has room.
+    /// `None` sends the caller down the path that can wait ([`Self::enqueue_message`]).
+    fn enqueue_now(&self, route: Route<'_>, msg: &Envelope) -> Option<Result<Ack>> {
+        if let Err(e) = self.check_open().and_then(|()| check_size(&msg.payload)) {
+            return Some(Err(e));
+        }
+        let topic = match route {
+            Route::Reply(address) => TopicRef::Named(address.to_owned()),
+            _ => TopicRef::Known(self.known_topic(route)?),
+        };
+        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str())
+            .payload(&msg.payload)
+            .headers(crate::codec::record_headers(msg, route));
+        if let Some(k) = &msg.key {
+            record = record.key(k);
+        }
+        let sent = match self.inner.producer.send_result(record) {
+            Ok(d) => Ok(d),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => return None,
+            Err((e, _)) => Err(e),
+        };
+        Some(match sent {
+            Ok(d) => {
+                let within = self.bound(msg.time_left().filter(|d| !d.is_zero()));
+                Ok(Ack::new(topic, d, within))
             }
+            Err(e) => Err(kafka_error(&format!("publishing to `{topic}`"), e)),
         })
     }
 
@@ -325,6 +427,28 @@ impl ClientContext for ReplyWatch {
 
 impl ConsumerContext for ReplyWatch {}
 
+/// The topic a record goes to: one the transport knows (shared, no copy per record), or a
+/// name given with the message (a reply address).
+enum TopicRef {
+    Known(Arc<Topic>),
+    Named(String),
+}
+
+impl TopicRef {
+    fn as_str(&self) -> &str {
+        match self {
+            TopicRef::Known(t) => &t.name,
+            TopicRef::Named(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for TopicRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A topic the transport uses.
 struct Topic {
     name: String,
@@ -365,6 +489,25 @@ struct Partition {
     top: i64,
     /// Position last stored for commit (the next offset to read).
     stored: i64,
+    /// Position reached by the settled records (stored later when ahead of `stored`).
+    point: i64,
+}
+
+/// A settled position moved at least this far past the stored one is stored at once; a
+/// smaller move waits up to [`STORE_DELAY`] for the ones after it (one store for many records
+/// instead of one per record).
+const STORE_BATCH: i64 = 256;
+const STORE_DELAY: Duration = Duration::from_millis(20);
+
+/// What a settle asks of the caller.
+#[derive(Debug, PartialEq)]
+enum Store {
+    /// Store this position now.
+    Now(i64),
+    /// The position moved: have it stored within [`STORE_DELAY`].
+    Later,
+    /// Nothing to do (no move, or a store is already due).
+    Nothing,
 }
 
 impl Offsets {
@@ -374,15 +517,38 @@ impl Offsets {
         p.top = p.top.max(offset);
     }
 
-    /// Marks `offset` settled; returns the position to store when it moved forward.
-    fn settled(&mut self, partition: i32, offset: i64) -> Option<i64> {
-        let p = self.partitions.get_mut(&partition)?;
+    /// Marks `offset` settled and says whether the position to store moved.
+    fn settled(&mut self, partition: i32, offset: i64) -> Store {
+        let Some(p) = self.partitions.get_mut(&partition) else {
+            return Store::Nothing;
+        };
         p.pending.remove(&offset);
         let point = p.pending.first().copied().unwrap_or(p.top + 1);
-        (point > p.stored).then(|| {
+        if point <= p.point.max(p.stored) {
+            return Store::Nothing;
+        }
+        let due = p.point > p.stored;
+        p.point = point;
+        if point - p.stored >= STORE_BATCH {
             p.stored = point;
-            point
-        })
+            Store::Now(point)
+        } else if due {
+            Store::Nothing
+        } else {
+            Store::Later
+        }
+    }
+
+    /// The positions settled and not yet stored, marked stored.
+    fn unstored(&mut self) -> Vec<(i32, i64)> {
+        self.partitions
+            .iter_mut()
+            .filter(|(_, p)| p.point > p.stored)
+            .map(|(id, p)| {
+                p.stored = p.point;
+                (*id, p.point)
+            })
+            .collect()
     }
 }
 
@@ -403,10 +569,16 @@ struct Shared {
     /// Set when the consumer let go of the subscription: deliveries dropped from then on were
     /// never handed to a handler, and are left to the group (not retried).
     stopped: Arc<AtomicBool>,
+    /// Wakes the task that stores settled positions a little later ([`store_later`]).
+    unstored: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // What was settled is stored before the consumer closes (and commits it); the task
+        // that stores later is let go.
+        self.store_unstored();
+        self.unstored.notify_one();
         // Closing a consumer (leaving its group, committing) blocks, for seconds on some
         // brokers: the last reference is let go on a thread of its own, not on the runtime.
         let consumer = self.consumer.clone();
@@ -416,24 +588,45 @@ impl Drop for Shared {
 
 impl Shared {
     fn settle(&self, partition: i32, offset: i64) {
-        let point = self
+        let store = self
             .offsets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .settled(partition, offset);
-        let Some(point) = point else {
-            return;
-        };
+        match store {
+            Store::Now(point) => self.store(&[(partition, point)]),
+            Store::Later => self.unstored.notify_one(),
+            Store::Nothing => {}
+        }
+    }
+
+    /// Stores the positions settled and not stored yet.
+    fn store_unstored(&self) {
+        let positions = self
+            .offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unstored();
+        if !positions.is_empty() {
+            self.store(&positions);
+        }
+    }
+
+    /// Stores positions for the next commit.
+    fn store(&self, positions: &[(i32, i64)]) {
         // The position to commit is the next offset to read. (`store_offset`, librdkafka's
         // older call, would commit one past the offset given.)
-        let mut tpl = TopicPartitionList::with_capacity(1);
-        let stored = tpl
-            .add_partition_offset(&self.topic, partition, Offset::Offset(point))
+        let mut tpl = TopicPartitionList::with_capacity(positions.len());
+        let stored = positions
+            .iter()
+            .try_for_each(|(partition, point)| {
+                tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(*point))
+            })
             .and_then(|()| self.consumer.store_offsets(&tpl));
         if let Err(e) = stored {
-            // The partition went to another member (a rebalance): it reads from the last
-            // committed position, so this message may come again there. At-least-once.
-            tracing::debug!(topic = %self.topic, partition, error = %e, "offset not stored");
+            // A partition went to another member (a rebalance): it reads from the last
+            // committed position, so these messages may come again there. At-least-once.
+            tracing::debug!(topic = %self.topic, error = %e, "positions not stored");
         }
     }
 
@@ -515,11 +708,11 @@ impl KafkaAcker {
         self.shared
             .transport
             .produce(
-                &self.shared.topic,
+                TopicRef::Named(self.shared.topic.clone()),
                 self.key.as_deref(),
                 h,
                 &self.record.payload,
-                PUBLISH_WITHIN,
+                None,
             )
             .await
     }
@@ -624,7 +817,7 @@ fn is_retry_header(name: &str) -> bool {
 /// What a reader takes out of a record before letting it go.
 #[derive(Clone)]
 struct Record {
-    headers: Arc<[(String, String)]>,
+    headers: PackedHeaders,
     /// Why the headers could not be read (then `headers` is empty).
     bad_headers: Option<String>,
     payload: Bytes,
@@ -632,9 +825,13 @@ struct Record {
 
 impl Record {
     fn of(msg: &impl Message) -> Self {
-        let (headers, bad_headers) = match string_headers(msg) {
-            Ok(h) => (h.into(), None),
-            Err(reason) => (Arc::from([]), Some(reason)),
+        let packed = match msg.headers() {
+            None => Ok(PackedHeaders::default()),
+            Some(hs) => PackedHeaders::pack(|| hs.iter().map(|h| (h.key, h.value))),
+        };
+        let (headers, bad_headers) = match packed {
+            Ok(h) => (h, None),
+            Err(reason) => (PackedHeaders::default(), Some(reason)),
         };
         Record {
             headers,
@@ -646,11 +843,7 @@ impl Record {
     /// The delivery of this record (malformed if its headers do not parse), without the
     /// transport's own retry headers.
     fn delivery(&self, pattern: &str, attempt: u32, acker: Box<dyn Acker>) -> Delivery {
-        let pairs = self
-            .headers
-            .iter()
-            .filter(|(k, _)| !is_retry_header(k))
-            .map(|(k, v)| (k.as_str(), v.as_str()));
+        let pairs = self.headers.iter().filter(|(k, _)| !is_retry_header(k));
         let bad = self.bad_headers.clone();
         Delivery::read(
             pairs,
@@ -668,68 +861,49 @@ impl Record {
     }
 }
 
-/// The string headers of a record; `Err` names one that is not UTF-8.
-fn string_headers(msg: &impl Message) -> std::result::Result<Vec<(String, String)>, String> {
-    let Some(hs) = msg.headers() else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::with_capacity(hs.count());
-    for h in hs.iter() {
-        let value = match h.value {
-            Some(v) => std::str::from_utf8(v)
-                .map_err(|_| format!("header `{}` is not UTF-8", h.key))?
-                .to_owned(),
-            None => String::new(),
-        };
-        out.push((h.key.to_owned(), value));
-    }
-    Ok(out)
-}
-
-fn header_value<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 #[async_trait]
 impl Publisher for KafkaTransport {
     async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
-        self.enqueue_message(route, &msg).await?.await
+        let ack = match self.enqueue_now(route, &msg) {
+            Some(ack) => ack?,
+            // Boxed: the path that may wait is rare, and inline it would enlarge every publish.
+            None => Box::pin(self.enqueue_message(route, &msg)).await?,
+        };
+        drop(msg);
+        ack.await
     }
 
     async fn enqueue(&self, route: Route<'_>, msg: Envelope) -> Result<Confirmation> {
-        Ok(Confirmation::pending(
-            self.enqueue_message(route, &msg).await?,
-        ))
+        let ack = match self.enqueue_now(route, &msg) {
+            Some(ack) => ack?,
+            None => Box::pin(self.enqueue_message(route, &msg)).await?,
+        };
+        Ok(Confirmation::pending(ack))
     }
 }
 
 impl KafkaTransport {
     /// [`KafkaTransport::enqueue_record`] for an envelope on a route.
-    async fn enqueue_message(
-        &self,
-        route: Route<'_>,
-        msg: &Envelope,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static + use<>> {
+    async fn enqueue_message(&self, route: Route<'_>, msg: &Envelope) -> Result<Ack> {
         self.check_open()?;
         let headers = crate::codec::record_headers(msg, route);
-        let within = msg
-            .time_left()
-            .filter(|d| !d.is_zero())
-            .unwrap_or(PUBLISH_WITHIN);
+        let within = msg.time_left().filter(|d| !d.is_zero());
         let key = msg.key.as_deref();
         match route {
             // A reply goes to the requester's own topic, made when it opened its inbox.
             Route::Reply(address) => {
-                self.enqueue_record(address, key, headers, &msg.payload, within)
-                    .await
+                self.enqueue_record(
+                    TopicRef::Named(address.to_owned()),
+                    key,
+                    headers,
+                    &msg.payload,
+                    within,
+                )
+                .await
             }
             _ => {
                 let topic = self.topic(route).await?;
-                self.enqueue_record(&topic.name, key, headers, &msg.payload, within)
+                self.enqueue_record(TopicRef::Known(topic), key, headers, &msg.payload, within)
                     .await
             }
         }
@@ -768,6 +942,7 @@ impl Subscriber for KafkaTransport {
             .map_err(|e| kafka_error(&format!("subscribing to `{topic}`"), e))?;
         let (again_tx, again_rx) = mpsc::unbounded_channel();
         let stopped = Arc::new(AtomicBool::new(false));
+        let unstored = Arc::new(tokio::sync::Notify::new());
         let shared = Arc::new(Shared {
             transport: self.clone(),
             consumer: consumer.clone(),
@@ -777,7 +952,10 @@ impl Subscriber for KafkaTransport {
             lines: Mutex::new(HashMap::new()),
             again: again_tx,
             stopped: stopped.clone(),
+            unstored: unstored.clone(),
         });
+        tokio::spawn(store_later(Arc::downgrade(&shared), unstored));
+        let positions = Arc::downgrade(&shared);
         let (tx, rx) = mpsc::channel(opts.prefetch.max(1));
         let closed = self.inner.closed.clone();
         tokio::spawn(read_group(shared, again_rx, tx, closed));
@@ -798,6 +976,9 @@ impl Subscriber for KafkaTransport {
         // A graceful stop commits what was handled before it returns, so the member that
         // takes the partitions next starts after it (the periodic commit may not have run).
         let finish = async move {
+            if let Some(shared) = positions.upgrade() {
+                shared.store_unstored();
+            }
             let commit = tokio::task::spawn_blocking(move || {
                 consumer.commit_consumer_state(CommitMode::Sync)
             });
@@ -853,6 +1034,19 @@ impl Subscriber for KafkaTransport {
         });
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(Inbox::new(topic, Subscription::new(stream)).with_connection_lost(lost.subscribe()))
+    }
+}
+
+/// Stores a subscription's settled positions [`STORE_DELAY`] after a settle asked for it,
+/// until the subscription is gone.
+async fn store_later(shared: std::sync::Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        wake.notified().await;
+        tokio::time::sleep(STORE_DELAY).await;
+        match shared.upgrade() {
+            Some(s) => s.store_unstored(),
+            None => return,
+        }
     }
 }
 
@@ -916,10 +1110,14 @@ async fn read_group(
             .and_then(|k| std::str::from_utf8(k).ok())
             .map(str::to_owned);
         drop(msg);
-        let before: u32 = header_value(&record.headers, ATTEMPT)
+        let before: u32 = record
+            .headers
+            .get(ATTEMPT)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let not_before = header_value(&record.headers, NOT_BEFORE)
+        let not_before = record
+            .headers
+            .get(NOT_BEFORE)
             .and_then(|v| v.parse::<u64>().ok())
             .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
         shared
@@ -979,7 +1177,8 @@ impl Transport for KafkaTransport {
     async fn close(&self) -> Result<()> {
         self.inner.closed.close();
         let producer = self.inner.producer.clone();
-        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(PUBLISH_WITHIN)))
+        let within = self.inner.cfg.publish_timeout;
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(within)))
             .await
             .map_err(|e| Error::new(ErrorKind::Connection, NAME, e.to_string()))?
             .map_err(|e| kafka_error("flushing the producer", e))
@@ -999,10 +1198,37 @@ mod tests {
             o.taken(0, offset);
         }
         o.taken(1, 7);
-        assert_eq!(o.settled(0, 1), None, "offset 0 is still out");
-        assert_eq!(o.settled(0, 0), Some(2));
-        assert_eq!(o.settled(0, 2), Some(3));
-        assert_eq!(o.settled(1, 7), Some(8));
-        assert_eq!(o.settled(2, 0), None, "a partition never handed out");
+        assert_eq!(o.settled(0, 1), Store::Nothing, "offset 0 is still out");
+        assert_eq!(o.settled(0, 0), Store::Later);
+        assert_eq!(o.settled(0, 2), Store::Nothing, "a store is already due");
+        assert_eq!(o.settled(1, 7), Store::Later);
+        assert_eq!(
+            o.settled(2, 0),
+            Store::Nothing,
+            "a partition never handed out"
+        );
+        let mut due = o.unstored();
+        due.sort_unstable();
+        assert_eq!(due, [(0, 3), (1, 8)], "the next offsets to read");
+        assert!(o.unstored().is_empty(), "stored once");
+    }
+
+    /// A position that moved a batch's worth is stored at once; the rest waits.
+    #[test]
+    fn a_long_run_of_settled_records_is_stored_at_once() {
+        let mut o = Offsets::default();
+        for offset in 0..STORE_BATCH + 1 {
+            o.taken(0, offset);
+        }
+        for offset in 1..STORE_BATCH {
+            assert_eq!(
+                o.settled(0, offset),
+                Store::Nothing,
+                "offset 0 is still out"
+            );
+        }
+        assert_eq!(o.settled(0, 0), Store::Now(STORE_BATCH));
+        assert_eq!(o.settled(0, STORE_BATCH), Store::Later);
+        assert_eq!(o.unstored(), [(0, STORE_BATCH + 1)]);
     }
 }

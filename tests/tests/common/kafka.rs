@@ -10,6 +10,9 @@
 //!   so a fetch from inside a batch skips the rest of that batch, where Apache Kafka returns
 //!   the batch holding the offset. A group member that takes over a partition fetches from
 //!   the committed offset, often inside a batch. One record per batch leaves no inside.
+//! - `publish_timeout_ms=120000`: a produce request per record makes tansu slow (~650
+//!   records/s here), so the 10,000 requests of the load case take longer than the default
+//!   30 s to reach it; the producer keeps them for two minutes instead.
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -31,7 +34,7 @@ pub(crate) fn durable_url() -> String {
 /// A harness for the broker at `base`, with the settings tansu needs (above).
 pub(crate) async fn harness(base: &str) -> Harness {
     let sep = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{sep}fetch_wait_ms=5&batch_records=1");
+    let url = format!("{base}{sep}fetch_wait_ms=5&batch_records=1&publish_timeout_ms=120000");
     let cfg = switchboard_kafka::KafkaConfig::from_url(&url::Url::parse(&url).expect("URL"))
         .expect("config");
     // The foreign producer: plain rdkafka, string headers, the adapter's topic naming.
