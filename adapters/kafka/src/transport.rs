@@ -1,7 +1,7 @@
 //! The Kafka transport: a producer shared by every publish, a consumer per subscription in a
 //! consumer group, and a reply topic per client instance read by manual assignment.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -484,7 +484,9 @@ struct Offsets {
 
 #[derive(Default)]
 struct Partition {
-    pending: BTreeSet<i64>,
+    /// Offsets handed out, in the order read (increasing), each with whether it is settled;
+    /// the settled ones at the front are let go as the position moves past them.
+    pending: VecDeque<(i64, bool)>,
     /// Highest offset handed out.
     top: i64,
     /// Position last stored for commit (the next offset to read).
@@ -513,7 +515,11 @@ enum Store {
 impl Offsets {
     fn taken(&mut self, partition: i32, offset: i64) {
         let p = self.partitions.entry(partition).or_default();
-        p.pending.insert(offset);
+        // A partition is read in order; a record read again (after a rebalance) starts over.
+        if p.pending.back().is_some_and(|(last, _)| *last >= offset) {
+            p.pending.retain(|(o, _)| *o < offset);
+        }
+        p.pending.push_back((offset, false));
         p.top = p.top.max(offset);
     }
 
@@ -522,8 +528,13 @@ impl Offsets {
         let Some(p) = self.partitions.get_mut(&partition) else {
             return Store::Nothing;
         };
-        p.pending.remove(&offset);
-        let point = p.pending.first().copied().unwrap_or(p.top + 1);
+        if let Ok(i) = p.pending.binary_search_by_key(&offset, |(o, _)| *o) {
+            p.pending[i].1 = true;
+        }
+        while p.pending.front().is_some_and(|(_, settled)| *settled) {
+            p.pending.pop_front();
+        }
+        let point = p.pending.front().map_or(p.top + 1, |(o, _)| *o);
         if point <= p.point.max(p.stored) {
             return Store::Nothing;
         }
@@ -861,24 +872,45 @@ impl Record {
     }
 }
 
-#[async_trait]
+// Written out rather than through `#[async_trait]`: the common publish is done before any
+// future exists, and only the small wait for the acknowledgement is boxed (an async body
+// would box the envelope, twice over, with every publish).
 impl Publisher for KafkaTransport {
-    async fn publish(&self, route: Route<'_>, msg: Envelope) -> Result<()> {
-        let ack = match self.enqueue_now(route, &msg) {
-            Some(ack) => ack?,
-            // Boxed: the path that may wait is rare, and inline it would enlarge every publish.
-            None => Box::pin(self.enqueue_message(route, &msg)).await?,
-        };
-        drop(msg);
-        ack.await
+    fn publish<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        route: Route<'life1>,
+        msg: Envelope,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.enqueue_now(route, &msg) {
+            Some(Ok(ack)) => Box::pin(ack),
+            Some(Err(e)) => Box::pin(std::future::ready(Err(e))),
+            None => Box::pin(async move { self.enqueue_message(route, &msg).await?.await }),
+        }
     }
 
-    async fn enqueue(&self, route: Route<'_>, msg: Envelope) -> Result<Confirmation> {
-        let ack = match self.enqueue_now(route, &msg) {
-            Some(ack) => ack?,
-            None => Box::pin(self.enqueue_message(route, &msg)).await?,
-        };
-        Ok(Confirmation::pending(ack))
+    fn enqueue<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        route: Route<'life1>,
+        msg: Envelope,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Confirmation>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        match self.enqueue_now(route, &msg) {
+            Some(ack) => Box::pin(std::future::ready(ack.map(Confirmation::pending))),
+            None => Box::pin(async move {
+                Ok(Confirmation::pending(
+                    self.enqueue_message(route, &msg).await?,
+                ))
+            }),
+        }
     }
 }
 
@@ -1211,6 +1243,26 @@ mod tests {
         due.sort_unstable();
         assert_eq!(due, [(0, 3), (1, 8)], "the next offsets to read");
         assert!(o.unstored().is_empty(), "stored once");
+    }
+
+    /// Reading a partition again from an earlier offset (it came back after a rebalance)
+    /// starts its bookkeeping over from there.
+    #[test]
+    fn a_partition_read_again_starts_over_from_the_earlier_offset() {
+        let mut o = Offsets::default();
+        for offset in 0..3 {
+            o.taken(0, offset);
+        }
+        o.taken(0, 1);
+        assert_eq!(
+            o.settled(0, 2),
+            Store::Nothing,
+            "the earlier reading of 2 is forgotten"
+        );
+        assert_eq!(o.settled(0, 0), Store::Later);
+        assert_eq!(o.unstored(), [(0, 1)], "1 is out again");
+        assert_eq!(o.settled(0, 1), Store::Later);
+        assert_eq!(o.unstored(), [(0, 3)]);
     }
 
     /// A position that moved a batch's worth is stored at once; the rest waits.
