@@ -988,23 +988,43 @@ impl Subscriber for KafkaTransport {
         });
         tokio::spawn(store_later(Arc::downgrade(&shared), unstored));
         let positions = Arc::downgrade(&shared);
-        let (tx, rx) = mpsc::channel(opts.prefetch.max(1));
-        let closed = self.inner.closed.clone();
-        tokio::spawn(read_group(shared, again_rx, tx, closed));
+        let mut reader = Reader {
+            _stop: StopGuard(stopped),
+            shared,
+            again: again_rx,
+            closed: self.inner.closed.clone(),
+            early: VecDeque::new(),
+        };
         // A handler is reachable once this returns: wait for the group to hand this member
-        // its partitions (reading from the group's committed position, or the start).
+        // its partitions (reading from the group's committed position, or the start). The
+        // consumer is polled meanwhile, which is what serves the group's assignment.
         let within = cfg.connect_timeout.max(Duration::from_secs(30));
-        match tokio::time::timeout(within, joined.wait_for(|j| *j)).await {
-            Ok(Ok(_)) => {}
-            _ => {
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    NAME,
-                    format!("group `{group}` gave this member no partitions within {within:?}"),
-                ));
+        let join = async {
+            loop {
+                let read = tokio::select! {
+                    biased;
+                    j = joined.wait_for(|j| *j) => return j.is_ok(),
+                    d = reader.read() => d,
+                };
+                match read {
+                    Some(d) => reader.early.push_back(d),
+                    None => return false,
+                }
             }
+        };
+        if !tokio::time::timeout(within, join).await.unwrap_or(false) {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                NAME,
+                format!("group `{group}` gave this member no partitions within {within:?}"),
+            ));
         }
-        let stream = Handed { rx, stopped };
+        // Read in the consumer's own task as it asks for deliveries: no task or channel
+        // between the broker client and the handler.
+        let stream = futures::stream::unfold(reader, |mut r| async move {
+            let d = r.read().await?;
+            Some((d, r))
+        });
         // A graceful stop commits what was handled before it returns, so the member that
         // takes the partitions next starts after it (the periodic commit may not have run).
         let finish = async move {
@@ -1082,114 +1102,105 @@ async fn store_later(shared: std::sync::Weak<Shared>, wake: Arc<tokio::sync::Not
     }
 }
 
-/// The deliveries of a group subscription as its consumer takes them. Dropped, it marks the
-/// subscription stopped before the deliveries still in its buffer go: those were never handed
-/// out, so they are left to the group rather than retried.
-struct Handed {
-    rx: mpsc::Receiver<Delivery>,
-    stopped: Arc<AtomicBool>,
-}
+/// Marks a subscription stopped when its reader is dropped, before the deliveries the reader
+/// still holds go: those were never handed out, so they are left to the group rather than
+/// retried.
+struct StopGuard(Arc<AtomicBool>);
 
-impl futures::Stream for Handed {
-    type Item = Delivery;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Delivery>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-impl Drop for Handed {
+impl Drop for StopGuard {
     fn drop(&mut self) {
-        self.stopped.store(true, Ordering::Release);
+        self.0.store(true, Ordering::Release);
     }
 }
 
-/// The reader of one group subscription: records become deliveries; a retry not yet due waits
-/// in a task of its own, and a keyed record waits in its key's line, so the records behind
-/// them are not held up.
-async fn read_group(
+/// The reader of one group subscription, run as its consumer asks for deliveries: records
+/// become deliveries; a retry not yet due waits in a task of its own, and a keyed record waits
+/// in its key's line, so the records behind them are not held up.
+struct Reader {
+    /// First, so it is dropped first.
+    _stop: StopGuard,
     shared: Arc<Shared>,
-    mut again: mpsc::UnboundedReceiver<Delivery>,
-    tx: mpsc::Sender<Delivery>,
+    /// Deliveries handed out again: a keyed record whose turn came, a retry that is due.
+    again: mpsc::UnboundedReceiver<Delivery>,
     closed: CloseSignal,
-) {
-    loop {
-        let msg = tokio::select! {
-            () = closed.closed() => return,
-            () = tx.closed() => return,
-            Some(d) = again.recv() => {
-                if tx.send(d).await.is_err() {
-                    return;
+    /// Read while the subscription was still being set up.
+    early: VecDeque<Delivery>,
+}
+
+impl Reader {
+    /// The next delivery; `None` once the transport is closed.
+    async fn read(&mut self) -> Option<Delivery> {
+        if let Some(d) = self.early.pop_front() {
+            return Some(d);
+        }
+        loop {
+            let msg = tokio::select! {
+                biased;
+                () = self.closed.closed() => return None,
+                Some(d) = self.again.recv() => return Some(d),
+                m = self.shared.consumer.recv() => m,
+            };
+            match msg {
+                Ok(m) => {
+                    if let Some(d) = take(&self.shared, &m) {
+                        return Some(d);
+                    }
                 }
-                continue;
-            }
-            m = shared.consumer.recv() => m,
-        };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(topic = %shared.topic, error = %e, "consuming");
-                continue;
-            }
-        };
-        let (partition, offset) = (msg.partition(), msg.offset());
-        let record = Record::of(&msg);
-        let key = msg
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .map(str::to_owned);
-        drop(msg);
-        let before: u32 = record
-            .headers
-            .get(ATTEMPT)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let not_before = record
-            .headers
-            .get(NOT_BEFORE)
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
-        shared
-            .offsets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .taken(partition, offset);
-        let attempt = before + 1;
-        let acker = Box::new(KafkaAcker {
-            shared: shared.clone(),
-            partition,
-            offset,
-            attempt,
-            key: key.clone(),
-            record: record.clone(),
-            settled: false,
-        });
-        let d = record.delivery(&shared.pattern, attempt, acker);
-        let d = match &key {
-            Some(k) => match shared.line_up(k, d) {
-                Some(d) => d,
-                None => continue,
-            },
-            None => d,
-        };
-        let wait = not_before.and_then(|t| t.duration_since(SystemTime::now()).ok());
-        match wait {
-            Some(wait) if !wait.is_zero() => {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    let _ = tx.send(d).await;
-                });
-            }
-            _ => {
-                if tx.send(d).await.is_err() {
-                    return;
-                }
+                Err(e) => tracing::warn!(topic = %self.shared.topic, error = %e, "consuming"),
             }
         }
+    }
+}
+
+/// A record read: its delivery now, or `None` when it waits (behind an earlier record with its
+/// key, or for the due time of a retry).
+fn take(shared: &Arc<Shared>, msg: &impl Message) -> Option<Delivery> {
+    let (partition, offset) = (msg.partition(), msg.offset());
+    let record = Record::of(msg);
+    let key = msg
+        .key()
+        .and_then(|k| std::str::from_utf8(k).ok())
+        .map(str::to_owned);
+    let before: u32 = record
+        .headers
+        .get(ATTEMPT)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let not_before = record
+        .headers
+        .get(NOT_BEFORE)
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+    shared
+        .offsets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .taken(partition, offset);
+    let attempt = before + 1;
+    let acker = Box::new(KafkaAcker {
+        shared: shared.clone(),
+        partition,
+        offset,
+        attempt,
+        key: key.clone(),
+        record: record.clone(),
+        settled: false,
+    });
+    let d = record.delivery(&shared.pattern, attempt, acker);
+    let d = match &key {
+        Some(k) => shared.line_up(k, d)?,
+        None => d,
+    };
+    match not_before.and_then(|t| t.duration_since(SystemTime::now()).ok()) {
+        Some(wait) if !wait.is_zero() => {
+            let again = shared.again.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = again.send(d);
+            });
+            None
+        }
+        _ => Some(d),
     }
 }
 
