@@ -2,6 +2,7 @@
 //! queue per request pattern, one reply queue per client instance, dead letters in an SQS
 //! queue per pattern (also the redrive target of the pattern's other queues).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -522,7 +523,19 @@ impl Subscriber for SnsSqsTransport {
             }
         };
         let (tx, mut rx) = mpsc::channel(opts.prefetch.max(1));
-        tokio::spawn(read_queue(self.clone(), url, pattern.to_owned(), tx, None));
+        let in_hand = Arc::new(InHand::default());
+        tokio::spawn(keep_invisible(
+            self.clone(),
+            url.clone(),
+            Arc::downgrade(&in_hand),
+        ));
+        tokio::spawn(read_queue(
+            self.clone(),
+            url,
+            pattern.to_owned(),
+            tx,
+            Reading::Handled(in_hand),
+        ));
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(Subscription::new(stream))
     }
@@ -566,7 +579,7 @@ impl Subscriber for SnsSqsTransport {
             url.clone(),
             url.clone(),
             tx,
-            Some(lost.clone()),
+            Reading::Replies(lost.clone()),
         ));
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(Inbox::new(url, Subscription::new(stream)).with_connection_lost(lost.subscribe()))
@@ -585,8 +598,12 @@ async fn read_queue(
     url: String,
     pattern: String,
     tx: mpsc::Sender<Delivery>,
-    replies: Option<Arc<tokio::sync::watch::Sender<u64>>>,
+    reading: Reading,
 ) {
+    let replies = match &reading {
+        Reading::Replies(lost) => Some(lost.clone()),
+        Reading::Handled(_) => None,
+    };
     let cfg = &t.inner.cfg;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -661,16 +678,18 @@ async fn read_queue(
             let (headers, payload, malformed) =
                 codec::decode(m.body.as_deref().unwrap_or_default(), attributes);
             let receipt = m.receipt_handle.unwrap_or_default();
-            let acker: Box<dyn Acker> = if replies.is_some() {
-                done.push(receipt);
-                Box::new(NoAck)
-            } else {
-                Box::new(SqsAcker {
+            let acker: Box<dyn Acker> = match &reading {
+                Reading::Replies(_) => {
+                    done.push(receipt);
+                    Box::new(NoAck)
+                }
+                Reading::Handled(in_hand) => Box::new(SqsAcker {
                     transport: t.clone(),
                     url: url.clone(),
+                    hand: Some(in_hand.hold(&receipt)),
                     receipt,
                     settled: false,
-                })
+                }),
             };
             let d = Delivery::read(
                 headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -691,6 +710,107 @@ async fn read_queue(
         }
         if !done.is_empty() {
             delete_all(&t, &url, done).await;
+        }
+    }
+}
+
+/// What a queue reader reads for.
+enum Reading {
+    /// A reply queue: messages are deleted as read; the counter goes up when the endpoint
+    /// cannot be reached.
+    Replies(Arc<tokio::sync::watch::Sender<u64>>),
+    /// Messages for handlers, kept invisible while in hand.
+    Handled(Arc<InHand>),
+}
+
+/// The receipts of the messages a subscription holds (handed out, not yet settled).
+#[derive(Default)]
+struct InHand {
+    receipts: Mutex<HashMap<u64, String>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl InHand {
+    /// Registers a receipt until the returned hold is dropped.
+    fn hold(self: &Arc<Self>, receipt: &str) -> Hold {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, receipt.to_owned());
+        Hold {
+            in_hand: self.clone(),
+            id,
+        }
+    }
+
+    fn receipts(&self) -> Vec<String> {
+        self.receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A message's place in [`InHand`]; dropped when the message is settled.
+struct Hold {
+    in_hand: Arc<InHand>,
+    id: u64,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.in_hand
+            .receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// Keeps the messages a subscription holds invisible while their handlers run: every third of
+/// the visibility timeout, their visibility is set to the whole timeout again (ten per call),
+/// so a handler that runs longer than `visibility_s` does not see its message handed to
+/// another consumer. Ends with the subscription.
+async fn keep_invisible(t: SnsSqsTransport, url: String, in_hand: std::sync::Weak<InHand>) {
+    let visibility = t.inner.cfg.visibility;
+    let every = (visibility / 3).max(Duration::from_millis(500));
+    let secs = visibility.as_secs().clamp(1, 43_200) as i32;
+    loop {
+        tokio::select! {
+            () = t.inner.closed.closed() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let Some(receipts) = in_hand.upgrade().map(|h| h.receipts()) else {
+            return;
+        };
+        for chunk in receipts.chunks(10) {
+            let entries: Vec<_> = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .visibility_timeout(secs)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            // A message settled meanwhile fails its entry; nothing to do about it.
+            if let Err(e) = t
+                .inner
+                .sqs
+                .change_message_visibility_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                tracing::warn!(queue = %url, error = %DisplayErrorContext(&e), "visibility not extended");
+            }
         }
     }
 }
@@ -729,25 +849,26 @@ struct SqsAcker {
     transport: SnsSqsTransport,
     url: String,
     receipt: String,
+    /// Keeps the message invisible until settled (let go first when it is handed back, so
+    /// the extension does not undo the retry delay).
+    hand: Option<Hold>,
     settled: bool,
 }
 
-impl SqsAcker {
-    async fn visible_in(&self, delay: Duration) -> Result<()> {
-        // SQS counts whole seconds, up to 12 hours.
-        let secs = delay.as_secs_f64().ceil().min(43_200.0) as i32;
-        self.transport
-            .inner
-            .sqs
-            .change_message_visibility()
-            .queue_url(&self.url)
-            .receipt_handle(&self.receipt)
-            .visibility_timeout(secs)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| aws_error("handing a message back", e))
-    }
+/// Makes a received message visible again after `delay` (SQS counts whole seconds, up to 12
+/// hours).
+async fn visible_in(t: &SnsSqsTransport, url: &str, receipt: &str, delay: Duration) -> Result<()> {
+    let secs = delay.as_secs_f64().ceil().min(43_200.0) as i32;
+    t.inner
+        .sqs
+        .change_message_visibility()
+        .queue_url(url)
+        .receipt_handle(receipt)
+        .visibility_timeout(secs)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| aws_error("handing a message back", e))
 }
 
 #[async_trait]
@@ -768,7 +889,8 @@ impl Acker for SqsAcker {
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
         self.settled = true;
-        self.visible_in(delay).await
+        self.hand = None;
+        visible_in(&self.transport, &self.url, &self.receipt, delay).await
     }
 }
 
@@ -779,15 +901,15 @@ impl Drop for SqsAcker {
         }
         // Dropped unsettled: visible again at once, for another consumer. Without a runtime,
         // the visibility timeout brings it back.
-        let again = SqsAcker {
-            transport: self.transport.clone(),
-            url: std::mem::take(&mut self.url),
-            receipt: std::mem::take(&mut self.receipt),
-            settled: true,
-        };
+        self.hand = None;
+        let (t, url, receipt) = (
+            self.transport.clone(),
+            std::mem::take(&mut self.url),
+            std::mem::take(&mut self.receipt),
+        );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = again.visible_in(Duration::ZERO).await;
+                let _ = visible_in(&t, &url, &receipt, Duration::ZERO).await;
             });
         }
     }
