@@ -524,6 +524,8 @@ impl Subscriber for SnsSqsTransport {
         };
         let (tx, mut rx) = mpsc::channel(opts.prefetch.max(1));
         let in_hand = Arc::new(InHand::default());
+        let (delete_tx, delete_rx) = mpsc::unbounded_channel();
+        tokio::spawn(delete_batches(self.clone(), url.clone(), delete_rx));
         tokio::spawn(keep_invisible(
             self.clone(),
             url.clone(),
@@ -534,7 +536,7 @@ impl Subscriber for SnsSqsTransport {
             url,
             pattern.to_owned(),
             tx,
-            Reading::Handled(in_hand),
+            Reading::Handled(in_hand, delete_tx),
         ));
         let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
         Ok(Subscription::new(stream))
@@ -602,7 +604,7 @@ async fn read_queue(
 ) {
     let replies = match &reading {
         Reading::Replies(lost) => Some(lost.clone()),
-        Reading::Handled(_) => None,
+        Reading::Handled(..) => None,
     };
     let cfg = &t.inner.cfg;
     let mut backoff = Duration::from_millis(100);
@@ -683,9 +685,10 @@ async fn read_queue(
                     done.push(receipt);
                     Box::new(NoAck)
                 }
-                Reading::Handled(in_hand) => Box::new(SqsAcker {
+                Reading::Handled(in_hand, deletes) => Box::new(SqsAcker {
                     transport: t.clone(),
                     url: url.clone(),
+                    deletes: deletes.clone(),
                     hand: Some(in_hand.hold(&receipt)),
                     receipt,
                     settled: false,
@@ -719,8 +722,94 @@ enum Reading {
     /// A reply queue: messages are deleted as read; the counter goes up when the endpoint
     /// cannot be reached.
     Replies(Arc<tokio::sync::watch::Sender<u64>>),
-    /// Messages for handlers, kept invisible while in hand.
-    Handled(Arc<InHand>),
+    /// Messages for handlers, kept invisible while in hand, deleted in batches when handled.
+    Handled(Arc<InHand>, mpsc::UnboundedSender<Delete>),
+}
+
+/// A handled message to delete, and where to say how it went.
+type Delete = (String, tokio::sync::oneshot::Sender<Result<()>>);
+
+/// Most delete calls of one subscription in flight at once.
+const DELETES_IN_FLIGHT: usize = 4;
+
+/// Deletes a subscription's handled messages with `DeleteMessageBatch`: each call takes up to
+/// ten of the deletes waiting (none is held back to fill a batch: deletes that arrive while
+/// calls are in flight make the next batch), at most [`DELETES_IN_FLIGHT`] calls at once.
+/// Ends when every acknowledger of the subscription is gone.
+async fn delete_batches(t: SnsSqsTransport, url: String, mut rx: mpsc::UnboundedReceiver<Delete>) {
+    let mut calls = tokio::task::JoinSet::new();
+    loop {
+        if calls.len() >= DELETES_IN_FLIGHT {
+            calls.join_next().await;
+            continue;
+        }
+        let first = tokio::select! {
+            Some(_) = calls.join_next(), if !calls.is_empty() => continue,
+            d = rx.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < 10 {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        let (t, url) = (t.clone(), url.clone());
+        calls.spawn(async move { delete_batch(&t, &url, batch).await });
+    }
+    while calls.join_next().await.is_some() {}
+}
+
+/// One `DeleteMessageBatch` call; each delete hears its own outcome.
+async fn delete_batch(t: &SnsSqsTransport, url: &str, batch: Vec<Delete>) {
+    let entries: Vec<_> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (receipt, _))| {
+            aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(receipt)
+                .build()
+                .ok()
+        })
+        .collect();
+    let out = t
+        .inner
+        .sqs
+        .delete_message_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await;
+    match out {
+        Ok(out) => {
+            let mut failed: HashMap<String, String> = out
+                .failed
+                .into_iter()
+                .map(|f| (f.id, f.message.unwrap_or(f.code)))
+                .collect();
+            for (i, (_, reply)) in batch.into_iter().enumerate() {
+                let r = match failed.remove(&i.to_string()) {
+                    None => Ok(()),
+                    Some(why) => Err(Error::new(
+                        ErrorKind::Connection,
+                        NAME,
+                        format!("deleting a handled message: {why}"),
+                    )),
+                };
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            let e = aws_error("deleting handled messages", e);
+            for (_, reply) in batch {
+                let _ = reply.send(Err(Error::new(e.kind(), NAME, e.to_string())));
+            }
+        }
+    }
 }
 
 /// The receipts of the messages a subscription holds (handed out, not yet settled).
@@ -848,6 +937,8 @@ async fn delete_all(t: &SnsSqsTransport, url: &str, receipts: Vec<String>) {
 struct SqsAcker {
     transport: SnsSqsTransport,
     url: String,
+    /// Where acks go to be deleted in batches.
+    deletes: mpsc::UnboundedSender<Delete>,
     receipt: String,
     /// Keeps the message invisible until settled (let go first when it is handed back, so
     /// the extension does not undo the retry delay).
@@ -875,16 +966,15 @@ async fn visible_in(t: &SnsSqsTransport, url: &str, receipt: &str, delay: Durati
 impl Acker for SqsAcker {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         self.settled = true;
-        self.transport
-            .inner
-            .sqs
-            .delete_message()
-            .queue_url(&self.url)
-            .receipt_handle(&self.receipt)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| aws_error("deleting a handled message", e))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self
+            .deletes
+            .send((std::mem::take(&mut self.receipt), tx))
+            .is_err()
+        {
+            return Err(Error::closed(NAME));
+        }
+        rx.await.unwrap_or_else(|_| Err(Error::closed(NAME)))
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) -> Result<()> {
