@@ -763,15 +763,19 @@ async fn delete_batches(t: SnsSqsTransport, url: String, mut rx: mpsc::Unbounded
     while calls.join_next().await.is_some() {}
 }
 
-/// One `DeleteMessageBatch` call; each delete hears its own outcome.
-async fn delete_batch(t: &SnsSqsTransport, url: &str, batch: Vec<Delete>) {
-    let entries: Vec<_> = batch
-        .iter()
+/// One `DeleteMessageBatch` call for up to ten receipts: for each that was not deleted, its
+/// position and why.
+async fn delete_ten<'a>(
+    t: &SnsSqsTransport,
+    url: &str,
+    receipts: impl Iterator<Item = &'a str>,
+) -> Result<HashMap<usize, String>> {
+    let entries: Vec<_> = receipts
         .enumerate()
-        .filter_map(|(i, (receipt, _))| {
+        .filter_map(|(i, r)| {
             aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
                 .id(i.to_string())
-                .receipt_handle(receipt)
+                .receipt_handle(r)
                 .build()
                 .ok()
         })
@@ -783,16 +787,21 @@ async fn delete_batch(t: &SnsSqsTransport, url: &str, batch: Vec<Delete>) {
         .queue_url(url)
         .set_entries(Some(entries))
         .send()
-        .await;
-    match out {
-        Ok(out) => {
-            let mut failed: HashMap<String, String> = out
-                .failed
-                .into_iter()
-                .map(|f| (f.id, f.message.unwrap_or(f.code)))
-                .collect();
+        .await
+        .map_err(|e| aws_error("deleting messages", e))?;
+    Ok(out
+        .failed
+        .into_iter()
+        .filter_map(|f| Some((f.id.parse().ok()?, f.message.unwrap_or(f.code))))
+        .collect())
+}
+
+/// One `DeleteMessageBatch` call for handled messages; each delete hears its own outcome.
+async fn delete_batch(t: &SnsSqsTransport, url: &str, batch: Vec<Delete>) {
+    match delete_ten(t, url, batch.iter().map(|(r, _)| r.as_str())).await {
+        Ok(mut failed) => {
             for (i, (_, reply)) in batch.into_iter().enumerate() {
-                let r = match failed.remove(&i.to_string()) {
+                let r = match failed.remove(&i) {
                     None => Ok(()),
                     Some(why) => Err(Error::new(
                         ErrorKind::Connection,
@@ -804,7 +813,6 @@ async fn delete_batch(t: &SnsSqsTransport, url: &str, batch: Vec<Delete>) {
             }
         }
         Err(e) => {
-            let e = aws_error("deleting handled messages", e);
             for (_, reply) in batch {
                 let _ = reply.send(Err(Error::new(e.kind(), NAME, e.to_string())));
             }
@@ -907,27 +915,12 @@ async fn keep_invisible(t: SnsSqsTransport, url: String, in_hand: std::sync::Wea
 /// Deletes read replies, ten at a time.
 async fn delete_all(t: &SnsSqsTransport, url: &str, receipts: Vec<String>) {
     for chunk in receipts.chunks(10) {
-        let entries: Vec<_> = chunk
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(r)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        if let Err(e) = t
-            .inner
-            .sqs
-            .delete_message_batch()
-            .queue_url(url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-        {
-            tracing::warn!(queue = %url, error = %DisplayErrorContext(&e), "replies not deleted");
+        match delete_ten(t, url, chunk.iter().map(String::as_str)).await {
+            Ok(failed) if failed.is_empty() => {}
+            Ok(failed) => {
+                tracing::warn!(queue = %url, not_deleted = failed.len(), "replies not deleted");
+            }
+            Err(e) => tracing::warn!(queue = %url, error = %e, "replies not deleted"),
         }
     }
 }
