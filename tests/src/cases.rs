@@ -358,10 +358,11 @@ pub async fn expired_request_never_reaches_its_handler(h: Harness) -> Outcome {
     Outcome::Passed
 }
 
-/// Event ids handled, by (group, member).
-type HandledBy = HashMap<(&'static str, usize), Vec<u64>>;
+/// Event items handled, with their message ids, by (group, member).
+type HandledBy = HashMap<(&'static str, usize), Vec<(u64, switchboard::MessageId)>>;
 
-/// Every consumer group gets each event exactly once; within a group one member handles it.
+/// Every consumer group gets each event exactly once; within a group one member handles it;
+/// every group sees the same message id for an event, and each event has its own.
 pub async fn emit_reaches_every_group_once_and_one_member_per_group(h: Harness) -> Outcome {
     let p = h.pattern("fanout");
     let n = 60u64;
@@ -373,14 +374,14 @@ pub async fn emit_reaches_every_group_once_and_one_member_per_group(h: Harness) 
         let s = seen.clone();
         within(
             "subscribe",
-            c.on_event(&p, group, move |e: Item, _ctx| {
+            c.on_event(&p, group, move |e: Item, ctx| {
                 let s = s.clone();
                 async move {
                     s.lock()
                         .expect("lock")
                         .entry((group, member))
                         .or_default()
-                        .push(e.id);
+                        .push((e.id, ctx.envelope().id));
                     Ok(())
                 }
             }),
@@ -407,11 +408,12 @@ pub async fn emit_reaches_every_group_once_and_one_member_per_group(h: Harness) 
     })
     .await;
     let s = seen.lock().expect("lock").clone();
+    let mut message_ids = Vec::new();
     for g in ["billing", "audit"] {
         let ids: Vec<u64> = s
             .iter()
             .filter(|((gr, _), _)| *gr == g)
-            .flat_map(|(_, v)| v.iter().copied())
+            .flat_map(|(_, v)| v.iter().map(|(id, _)| *id))
             .collect();
         let unique: HashSet<u64> = ids.iter().copied().collect();
         assert_eq!(
@@ -421,7 +423,20 @@ pub async fn emit_reaches_every_group_once_and_one_member_per_group(h: Harness) 
             ids.len()
         );
         assert_eq!(unique.len(), n as usize, "group {g} handled duplicates");
+        let by_item: HashMap<u64, switchboard::MessageId> = s
+            .iter()
+            .filter(|((gr, _), _)| *gr == g)
+            .flat_map(|(_, v)| v.iter().copied())
+            .collect();
+        message_ids.push(by_item);
     }
+    // An event has one message id, whichever group reads it, and no two events share one.
+    assert_eq!(
+        message_ids[0], message_ids[1],
+        "the groups saw different message ids for the same events"
+    );
+    let distinct: HashSet<_> = message_ids[0].values().collect();
+    assert_eq!(distinct.len(), n as usize, "two events shared a message id");
     assert_eq!(emitter.stats().emitted, n);
     for c in services {
         within("shutdown", c.shutdown()).await.expect("shutdown");

@@ -5,7 +5,10 @@
 //!
 //! - `ce-specversion` (always 1.0) and `content-type` `application/json` (the default);
 //! - `ce-type` on event, request and dead-letter records: the topic names the pattern, and the
-//!   reader takes the pattern it subscribed to.
+//!   reader takes the pattern it subscribed to;
+//! - `ce-id` on event records: the reader derives the id from the record's place in its
+//!   partition ([`implied_id`]), the same for every group and every time the record is read
+//!   again; a retry's copy, stored elsewhere, carries the id it was first read with.
 //!
 //! Ids and the deadline are formatted on the stack: no string is allocated per header.
 
@@ -13,14 +16,21 @@ use bytes::Bytes;
 use rdkafka::message::{Header, OwnedHeaders};
 use switchboard_core::envelope::system_time_to_millis;
 use switchboard_core::transport::Route;
-use switchboard_core::{Envelope, content_type, header};
+use switchboard_core::{Envelope, MessageId, content_type, header};
 
-/// The record headers of `env` published on `route`.
-pub(crate) fn record_headers(env: &Envelope, route: Route<'_>) -> OwnedHeaders {
-    let mut h = Builder(Some(OwnedHeaders::new_with_capacity(4 + env.headers.len())));
+/// The record headers of `env` published on `route`; `None` when it needs none (an event
+/// without key, deadline or headers of its own): librdkafka then allocates no header list
+/// per record, to be freed on another thread after the delivery report.
+pub(crate) fn record_headers(env: &Envelope, route: Route<'_>) -> Option<OwnedHeaders> {
+    let mut h = Builder {
+        headers: None,
+        capacity: 4 + env.headers.len(),
+    };
     let mut put = |key: &str, value: &str| h.put(key, value);
     let mut buf = [0u8; 36];
-    put(header::ID, env.id.encode(&mut buf));
+    if !matches!(route, Route::Event(_)) {
+        put(header::ID, env.id.encode(&mut buf));
+    }
     if matches!(route, Route::Reply(_)) {
         put(header::PATTERN, &env.pattern);
     }
@@ -54,21 +64,43 @@ pub(crate) fn record_headers(env: &Envelope, route: Route<'_>) -> OwnedHeaders {
     for (k, v) in &env.headers {
         put(k, v);
     }
-    h.0.unwrap_or_default()
+    h.headers
 }
 
-/// `OwnedHeaders` grown in place (its `insert` takes and returns it); always `Some` between
-/// calls.
-struct Builder(Option<OwnedHeaders>);
+/// The id of a record that carries none: a UUIDv7 of the time the record was stored
+/// (`timestamp_ms`, its Kafka timestamp), a hash of its topic, and its partition (low 14
+/// bits) and offset (low 48 bits) side by side, so records of different partitions never
+/// share an id through a hash collision.
+pub(crate) fn implied_id(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+) -> MessageId {
+    let place = ((partition as u64 & 0x3FFF) << 48) | (offset as u64 & 0xFFFF_FFFF_FFFF);
+    let ms = timestamp_ms
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(0);
+    MessageId::from_sequence(ms, topic, place)
+}
+
+/// `OwnedHeaders` made at the first header and grown in place (its `insert` takes and
+/// returns it).
+struct Builder {
+    headers: Option<OwnedHeaders>,
+    capacity: usize,
+}
 
 impl Builder {
     fn put(&mut self, key: &str, value: &str) {
-        self.0 = self.0.take().map(|h| {
-            h.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            })
-        });
+        let h = self
+            .headers
+            .take()
+            .unwrap_or_else(|| OwnedHeaders::new_with_capacity(self.capacity));
+        self.headers = Some(h.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        }));
     }
 }
 
@@ -143,6 +175,40 @@ mod tests {
     use rdkafka::message::Headers;
     use std::time::{Duration, SystemTime};
 
+    #[test]
+    fn a_record_s_place_implies_one_id_of_its_own() {
+        let id = implied_id("sb.evt.orders", 3, 41, Some(1_732_000_000_123));
+        assert_eq!(
+            id,
+            implied_id("sb.evt.orders", 3, 41, Some(1_732_000_000_123)),
+            "the same record, read again or by another group"
+        );
+        // Neighbours in every direction differ, whatever the topic's hash: partitions and
+        // offsets sit side by side in the id, not hashed together.
+        let mut seen = std::collections::HashSet::new();
+        for partition in 0..64 {
+            for offset in 0..64 {
+                assert!(
+                    seen.insert(implied_id("sb.evt.orders", partition, offset, Some(5))),
+                    "partition {partition} offset {offset} repeats an id"
+                );
+            }
+        }
+        assert_ne!(
+            id,
+            implied_id("sb.evt.orders", 3, 41, Some(1_732_000_000_124))
+        );
+        assert_ne!(
+            id,
+            implied_id("sb.evt.other", 3, 41, Some(1_732_000_000_123))
+        );
+        // A UUIDv7 whose time is the record's.
+        assert_eq!(id.as_uuid().get_version_num(), 7);
+        // No timestamp (or a negative one) is not a panic.
+        let _ = implied_id("t", 0, -1, None);
+        let _ = implied_id("t", -1, 0, Some(-5));
+    }
+
     fn pairs(h: &OwnedHeaders) -> Vec<(String, String)> {
         h.iter()
             .map(|x| {
@@ -163,22 +229,31 @@ mod tests {
             .with_header("tenant", "acme");
         env.key = Some("order-7".into());
         env.deadline = Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123));
-        let h = record_headers(&env, Route::Event("orders.placed"));
+        assert!(
+            record_headers(
+                &Envelope::new("orders.placed", &b"{}"[..]),
+                Route::Event("p")
+            )
+            .is_none(),
+            "a plain event needs no header list"
+        );
+        let h = record_headers(&env, Route::Event("orders.placed")).expect("headers");
         let got = pairs(&h);
         let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             names,
-            [header::ID, header::DEADLINE, header::KEY, "tenant"],
-            "no ce-type, ce-specversion or JSON content-type on an event"
+            [header::DEADLINE, header::KEY, "tenant"],
+            "no ce-id, ce-type, ce-specversion or JSON content-type on an event"
         );
+        let implied = implied_id("sb.evt.orders.placed", 0, 7, Some(1_700_000_000_000));
         let (back, malformed) = Envelope::read(
             got.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             env.payload.clone(),
             "orders.placed",
-            None,
+            Some(implied),
         );
         assert_eq!(malformed, None);
-        assert_eq!(back.id, env.id);
+        assert_eq!(back.id, implied, "the id comes from the record's place");
         assert_eq!(back.pattern, "orders.placed");
         assert_eq!(back.deadline, env.deadline);
         assert_eq!(back.key, env.key);
@@ -218,7 +293,7 @@ mod tests {
     #[test]
     fn a_reply_names_its_pattern_and_other_content_types_are_named() {
         let env = Envelope::new("users.get", &b"\x01"[..]).with_content_type(content_type::BYTES);
-        let got = pairs(&record_headers(&env, Route::Reply("sb.reply.c1")));
+        let got = pairs(&record_headers(&env, Route::Reply("sb.reply.c1")).expect("headers"));
         assert!(got.contains(&(header::PATTERN.into(), "users.get".into())));
         assert!(got.contains(&(header::CONTENT_TYPE.into(), content_type::BYTES.into())));
     }

@@ -26,7 +26,7 @@ use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Confirmation, Delivery, Inbox, NoAck, Publisher, Route,
     SubscribeOptions, Subscriber, Subscription, Transport,
 };
-use switchboard_core::{Envelope, Error, ErrorKind, Result};
+use switchboard_core::{Envelope, Error, ErrorKind, MessageId, Result, header};
 use tokio::sync::mpsc;
 
 use crate::codec::PackedHeaders;
@@ -291,7 +291,7 @@ impl KafkaTransport {
         &self,
         topic: TopicRef,
         key: Option<&str>,
-        headers: OwnedHeaders,
+        headers: Option<OwnedHeaders>,
         payload: &[u8],
         within: Option<Duration>,
     ) -> Result<()> {
@@ -309,14 +309,15 @@ impl KafkaTransport {
         &self,
         topic: TopicRef,
         key: Option<&str>,
-        headers: OwnedHeaders,
+        headers: Option<OwnedHeaders>,
         payload: &[u8],
         within: Option<Duration>,
     ) -> Result<Ack> {
         check_size(payload)?;
-        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str())
-            .payload(payload)
-            .headers(headers);
+        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str()).payload(payload);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -360,9 +361,10 @@ impl KafkaTransport {
             Route::Reply(address) => TopicRef::Named(address.to_owned()),
             _ => TopicRef::Known(self.known_topic(route)?),
         };
-        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str())
-            .payload(&msg.payload)
-            .headers(crate::codec::record_headers(msg, route));
+        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str()).payload(&msg.payload);
+        if let Some(h) = crate::codec::record_headers(msg, route) {
+            record = record.headers(h);
+        }
         if let Some(k) = &msg.key {
             record = record.key(k);
         }
@@ -697,12 +699,20 @@ impl KafkaAcker {
     async fn republish(&self, delay: Duration) -> Result<()> {
         let not_before = system_time_to_millis(SystemTime::now() + delay);
         let headers = &self.record.headers;
-        let mut h = OwnedHeaders::new_with_capacity(headers.len() + 2);
-        // The copy carries the record's headers but its own attempt count and due time.
+        let mut h = OwnedHeaders::new_with_capacity(headers.len() + 3);
+        // The copy carries the record's headers but its own attempt count and due time, and
+        // the id the record was read with (stored elsewhere, the copy would imply another).
         for (k, v) in headers.iter().filter(|(k, _)| !is_retry_header(k)) {
             h = h.insert(Header {
                 key: k,
                 value: Some(v.as_bytes()),
+            });
+        }
+        let mut id = [0u8; 36];
+        if let Some(implied) = &self.record.implied {
+            h = h.insert(Header {
+                key: header::ID,
+                value: Some(implied.encode(&mut id).as_bytes()),
             });
         }
         let attempt = self.attempt.to_string();
@@ -721,7 +731,7 @@ impl KafkaAcker {
             .produce(
                 TopicRef::Named(self.shared.topic.clone()),
                 self.key.as_deref(),
-                h,
+                Some(h),
                 &self.record.payload,
                 None,
             )
@@ -832,6 +842,8 @@ struct Record {
     /// Why the headers could not be read (then `headers` is empty).
     bad_headers: Option<String>,
     payload: Bytes,
+    /// The id of a record without `ce-id` (an event): derived from its place in its partition.
+    implied: Option<MessageId>,
 }
 
 impl Record {
@@ -844,10 +856,19 @@ impl Record {
             Ok(h) => (h, None),
             Err(reason) => (PackedHeaders::default(), Some(reason)),
         };
+        let implied = headers.get(header::ID).is_none().then(|| {
+            crate::codec::implied_id(
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                msg.timestamp().to_millis(),
+            )
+        });
         Record {
             headers,
             bad_headers,
             payload: Bytes::copy_from_slice(msg.payload().unwrap_or_default()),
+            implied,
         }
     }
 
@@ -860,7 +881,7 @@ impl Record {
             pairs,
             self.payload.clone(),
             pattern,
-            None,
+            self.implied,
             attempt,
             acker,
             |_, malformed| {
