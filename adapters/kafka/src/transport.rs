@@ -50,7 +50,7 @@ pub struct KafkaTransport {
 
 struct Inner {
     cfg: KafkaConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerWatch>,
     admin: AdminClient<DefaultClientContext>,
     /// The topics of event, request and dead-letter patterns (by pattern), and reply topics
     /// (by name), once used.
@@ -162,8 +162,9 @@ impl KafkaTransport {
             )
             .set("linger.ms", cfg.linger.as_millis().to_string())
             .set("batch.num.messages", cfg.batch_records.to_string());
-        let producer: FutureProducer = pc
-            .create()
+        let watch = ProducerWatch::default();
+        let producer: FutureProducer<ProducerWatch> = pc
+            .create_with_context(watch.clone())
             .map_err(|e| kafka_error("creating the producer", e))?;
         let admin: AdminClient<DefaultClientContext> = cfg
             .client_config()
@@ -171,15 +172,17 @@ impl KafkaTransport {
             .map_err(|e| kafka_error("creating the admin client", e))?;
         let probe = producer.clone();
         let within = cfg.connect_timeout;
-        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, within))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connection, NAME, e.to_string()))?
-            .map_err(|e| {
-                kafka_error(
-                    &format!("no broker of {} answered", cfg.brokers.join(",")),
-                    e,
-                )
-            })?;
+        let probed =
+            tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, within))
+                .await
+                .map_err(|e| Error::new(ErrorKind::Connection, NAME, e.to_string()))?;
+        if let Err(e) = probed {
+            let brokers = cfg.brokers.join(",");
+            return Err(match watch.refusal(&brokers).await {
+                Some(refused) => refused.with_source(e),
+                None => kafka_error(&format!("no broker of {brokers} answered"), e),
+            });
+        }
         Ok(KafkaTransport {
             inner: Arc::new(Inner {
                 cfg,
@@ -413,6 +416,69 @@ impl KafkaTransport {
 fn log_client_error(error: &KafkaError, reason: &str) {
     tracing::warn!(error = %error, reason, "kafka client");
 }
+
+/// The producer's context: logs librdkafka's client-wide errors and keeps the last refusal
+/// (credentials or TLS), so that a connect that finds no broker says why instead of only that
+/// none answered.
+#[derive(Default, Clone)]
+struct ProducerWatch(Arc<Refusal>);
+
+#[derive(Default)]
+struct Refusal {
+    last: Mutex<Option<(RDKafkaErrorCode, String)>>,
+    /// Told when a refusal is kept: librdkafka reports it from its polling thread, which may
+    /// come a little after the metadata request failed.
+    kept: tokio::sync::Notify,
+}
+
+impl ClientContext for ProducerWatch {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+        if let Some(code @ (RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) =
+            error.rdkafka_error_code()
+        {
+            *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((code, reason.to_owned()));
+            self.0.kept.notify_one();
+        }
+    }
+}
+
+impl ProducerWatch {
+    /// Why connecting failed, if librdkafka said more than that no broker answered; waits
+    /// at most `REFUSAL_WAIT` for it to say so.
+    async fn refusal(&self, brokers: &str) -> Option<Error> {
+        let taken = || {
+            self.0
+                .last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        };
+        let last = match taken() {
+            Some(l) => l,
+            None => {
+                let _ = tokio::time::timeout(REFUSAL_WAIT, self.0.kept.notified()).await;
+                taken()?
+            }
+        };
+        Some(match last {
+            (RDKafkaErrorCode::Authentication, reason) => Error::new(
+                ErrorKind::Unauthenticated,
+                NAME,
+                format!("{brokers} refused the credentials: {reason}"),
+            ),
+            (_, reason) => Error::new(
+                ErrorKind::Connection,
+                NAME,
+                format!("TLS with {brokers} failed: {reason}"),
+            ),
+        })
+    }
+}
+
+/// How long a failed connect waits for librdkafka to say why.
+const REFUSAL_WAIT: Duration = Duration::from_millis(500);
 
 /// The reply reader's context: counts the times every broker connection went down, so that
 /// requests waiting for a reply fail at once (retryably) instead of at their deadline.

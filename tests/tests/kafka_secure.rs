@@ -1,0 +1,121 @@
+//! TLS and SASL on Kafka, against the `kafka-secure` broker `scripts/brokers up` starts: TLS
+//! on 127.0.0.1:9095 (a certificate from the test CA in `$SB_TLS_DIR`) in front of a tansu
+//! that requires SASL SCRAM-SHA-512 from user `switchboard`.
+
+#![cfg(feature = "kafka")]
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchboard::{ErrorKind, HandlerError};
+use switchboard_conformance::within;
+
+const PASSWORD: &str = "test-s3cret";
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Ping {
+    n: u32,
+}
+
+fn ca() -> String {
+    let dir = std::env::var("SB_TLS_DIR").unwrap_or_else(|_| "/tmp/switchboard-tls".into());
+    format!("{dir}/ca.pem")
+}
+
+/// The secure broker's URL; `query` adds options. tansu holds every fetch for
+/// `fetch_wait_ms` (docs/kafka.md), so the tests ask for a short one.
+fn url(user: &str, password: &str, query: &str) -> String {
+    let prefix = format!("sbsec{}", std::process::id());
+    format!(
+        "kafka://{user}:{password}@127.0.0.1:9095?security_protocol=sasl_ssl\
+         &sasl_mechanism=SCRAM-SHA-512&fetch_wait_ms=5&connect_timeout_ms=3000\
+         &prefix={prefix}{query}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_scram_credentials_carries_send_and_emit() {
+    let u = url("switchboard", PASSWORD, &format!("&ssl_ca={}", ca()));
+    let server = within("connect", switchboard::connect(&u))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot connect to the TLS+SASL broker (scripts/brokers up kafka-secure): {e}")
+        });
+    let shown = format!("{:?}", server.transport());
+    assert!(
+        !shown.contains(PASSWORD),
+        "the password shows in Debug: {shown}"
+    );
+    within(
+        "handle",
+        server.handle("secure.ping", |p: Ping, _ctx| async move {
+            Ok::<_, HandlerError>(Ping { n: p.n + 1 })
+        }),
+    )
+    .await
+    .expect("handler");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    within(
+        "on_event",
+        server.on_event("secure.seen", "audit", move |p: Ping, _ctx| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(p.n);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribe");
+    let client = within("connect", switchboard::connect(&u))
+        .await
+        .expect("client connects");
+    let r: Ping = within("send", client.send("secure.ping", &Ping { n: 1 }))
+        .await
+        .expect("reply over TLS with SASL");
+    assert_eq!(r, Ping { n: 2 });
+    within("emit", client.emit("secure.seen", &Ping { n: 7 }))
+        .await
+        .expect("accepted");
+    assert_eq!(within("event", rx.recv()).await, Some(7));
+    within("shutdown", client.shutdown())
+        .await
+        .expect("shutdown");
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+}
+
+#[tokio::test]
+async fn wrong_password_is_unauthenticated_and_not_shown() {
+    let secret = "not-the-password-8c1f";
+    let started = std::time::Instant::now();
+    let err = within(
+        "connect",
+        switchboard::connect(&url("switchboard", secret, &format!("&ssl_ca={}", ca()))),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::Unauthenticated, "{err}");
+    assert!(!format!("{err} {err:?}").contains(secret), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded");
+}
+
+#[tokio::test]
+async fn server_certificate_from_an_unknown_ca_is_refused() {
+    let started = std::time::Instant::now();
+    // No `ssl_ca`: the system's roots, which do not know the test CA.
+    let err = within(
+        "connect",
+        switchboard::connect(&url("switchboard", PASSWORD, "")),
+    )
+    .await
+    .expect_err("untrusted certificate");
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate")
+            || err.to_string().to_lowercase().contains("ssl"),
+        "the error says why: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded");
+}
