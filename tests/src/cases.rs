@@ -1206,6 +1206,104 @@ pub async fn request_handler_concurrency_is_bounded(h: Harness) -> Outcome {
     Outcome::Passed
 }
 
+/// `send`s keep getting their replies while request handlers join and leave the pattern (on
+/// Kafka: two consumer-group rebalances of the responders' group). Callers send without pause;
+/// a second handler joins, then the first leaves with a graceful shutdown, and the sends go on
+/// after each change. Every send gets its own reply: none is lost, none hangs, none fails.
+pub async fn replies_survive_handlers_joining_and_leaving(h: Harness) -> Outcome {
+    let p = h.pattern("rebalance");
+    let echo = |count: Arc<AtomicUsize>| {
+        move |req: Item, _ctx: switchboard::Context| {
+            let count = count.clone();
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(req)
+            }
+        }
+    };
+    let (by_first, by_second) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let first = h.client().await;
+    let first_service = within("first handler", first.handle(&p, echo(by_first.clone())))
+        .await
+        .expect("registers");
+    let caller = h.client().await;
+    let (next, replied) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Eight callers, each sending again as soon as its reply came, until told to stop.
+    let callers = futures::future::join_all((0..8).map(|_| {
+        let (caller, p) = (caller.clone(), p.clone());
+        let (next, replied, stop) = (next.clone(), replied.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                let id = u64::from(next.fetch_add(1, Ordering::SeqCst));
+                let reply: Item = caller
+                    .send_with(&p, &item(id), &CallOptions::new().timeout(STEP * 4))
+                    .await
+                    .unwrap_or_else(|e| panic!("send {id} failed while handlers changed: {e}"));
+                assert_eq!(reply.id, id, "send {id} got the reply of send {}", reply.id);
+                replied.fetch_add(1, Ordering::SeqCst);
+                // On the in-memory transport a `send` can finish without ever waiting: give
+                // the membership changes below their turn.
+                tokio::task::yield_now().await;
+            }
+        }
+    }));
+    let changes = async {
+        let at_least = |n: usize| {
+            let replied = replied.clone();
+            move || replied.load(Ordering::SeqCst) >= n
+        };
+        eventually(STEP * 2, "50 replies", at_least(50)).await;
+        let second = h.client().await;
+        within("second handler", second.handle(&p, echo(by_second.clone())))
+            .await
+            .expect("registers");
+        let joined = replied.load(Ordering::SeqCst);
+        eventually(
+            STEP * 4,
+            "50 more replies after the join",
+            at_least(joined + 50),
+        )
+        .await;
+        within_for(
+            STEP * 2,
+            "the first handler leaves",
+            first_service.shutdown(),
+        )
+        .await;
+        let left = replied.load(Ordering::SeqCst);
+        let second_before = by_second.load(Ordering::SeqCst);
+        eventually(
+            STEP * 4,
+            "50 more replies after the leave",
+            at_least(left + 50),
+        )
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        (second, second_before)
+    };
+    let (_, (second, second_before)) = within_for(
+        STEP * 12,
+        "sends while handlers join and leave",
+        futures::future::join(callers, changes),
+    )
+    .await;
+    let sent = next.load(Ordering::SeqCst) as usize;
+    assert_eq!(
+        replied.load(Ordering::SeqCst),
+        sent,
+        "every send has its reply"
+    );
+    assert!(
+        by_second.load(Ordering::SeqCst) > second_before,
+        "after the first handler left, the second handled nothing"
+    );
+    for c in [first, second, caller] {
+        within("shutdown", c.shutdown()).await.expect("shutdown");
+    }
+    Outcome::Passed
+}
+
 /// A caller that stops waiting (its deadline passed) does not cut its request's handler short:
 /// the handler runs to its end, and a graceful shutdown of the service waits for it.
 pub async fn handler_outlives_its_callers_timeout(h: Harness) -> Outcome {

@@ -345,6 +345,7 @@ macro_rules! conformance_suite {
             handler_concurrency_is_bounded,
             request_handler_concurrency_is_bounded,
             handler_outlives_its_callers_timeout,
+            replies_survive_handlers_joining_and_leaving,
             event_without_sdk_metadata_is_delivered_as_is,
             bad_input_is_a_typed_error,
             requests_waiting_at_shutdown_fail_with_closed,

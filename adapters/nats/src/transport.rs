@@ -886,13 +886,25 @@ async fn queue_subscribe(
         .map_err(|e| conn_error("subscribe", e))
 }
 
-/// Requests and core-mode events: at most once, nothing to acknowledge.
+/// Requests and core-mode events: at most once, nothing to acknowledge. A graceful stop hands
+/// what this member was sent and did not take back to the queue group ([`hand_back`]).
 fn core_subscription(
     inner: Arc<Inner>,
-    messages: impl Stream<Item = async_nats::Message> + Unpin + Send + 'static,
+    messages: async_nats::Subscriber,
     pattern: String,
 ) -> Subscription {
-    let stream = inner.closed.guard(messages).map(move |m| {
+    let (back, handed) = tokio::sync::oneshot::channel();
+    let keeper = Keeper {
+        sub: Some(messages),
+        back: Some(back),
+    };
+    let client = inner.client.clone();
+    let finish = async move {
+        if let Ok(sub) = handed.await {
+            hand_back(&client, sub).await;
+        }
+    };
+    let stream = inner.closed.guard(keeper).map(move |m| {
         let reply = m.reply;
         // A `request`'s id and deadline travel in its reply subject, a `send`'s deadline in
         // its own (a header, if present, wins).
@@ -925,7 +937,85 @@ fn core_subscription(
             },
         )
     });
-    Subscription::new(stream)
+    Subscription::new(stream).with_finish(finish)
+}
+
+/// A core subscription's messages; when the consumer lets go of them, the subscriber goes to
+/// the subscription's finishing work ([`hand_back`]), which a graceful stop runs.
+struct Keeper {
+    sub: Option<async_nats::Subscriber>,
+    back: Option<tokio::sync::oneshot::Sender<async_nats::Subscriber>>,
+}
+
+impl Stream for Keeper {
+    type Item = async_nats::Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.sub.as_mut() {
+            Some(sub) => sub.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        if let (Some(sub), Some(back)) = (self.sub.take(), self.back.take()) {
+            // Without a graceful stop nobody waits for it: dropped, it unsubscribes.
+            let _ = back.send(sub);
+        }
+    }
+}
+
+/// How long a stopping member waits for the rest of what the server sent it.
+const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
+
+/// Hands what the server sent this member, and nobody took, back to the queue group: the
+/// server is told to stop sending (`drain`: unsubscribe, then read what is already on its way),
+/// and each message left is published again to its subject, with its reply subject and
+/// headers, so another member answers it (a `send` waiting for its reply gets it from there).
+/// Messages the server still sends in the moment between the unsubscribe leaving and its
+/// arrival can be dropped by the client library; everything already received is handed back.
+async fn hand_back(client: &async_nats::Client, mut sub: async_nats::Subscriber) {
+    if sub.drain().await.is_err() {
+        // The connection is gone: there is nobody to hand anything to.
+        return;
+    }
+    let mut handed = 0u64;
+    while let Ok(Some(m)) = tokio::time::timeout(HAND_BACK_WAIT, sub.next()).await {
+        let async_nats::Message {
+            subject,
+            reply,
+            headers,
+            payload,
+            ..
+        } = m;
+        let sent = match (reply, headers) {
+            (Some(r), Some(h)) => {
+                client
+                    .publish_with_reply_and_headers(subject, r, h, payload)
+                    .await
+            }
+            (Some(r), None) => client.publish_with_reply(subject, r, payload).await,
+            (None, Some(h)) => client.publish_with_headers(subject, h, payload).await,
+            (None, None) => client.publish(subject, payload).await,
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "a message handed back to the queue group was not published");
+            return;
+        }
+        handed += 1;
+    }
+    if handed > 0 {
+        tracing::debug!(
+            handed,
+            "messages handed back to the queue group at a graceful stop"
+        );
+        let _ = tokio::time::timeout(HAND_BACK_WAIT, client.flush()).await;
+    }
 }
 
 /// Events and dead letters from a JetStream durable consumer, polled directly by the

@@ -12,9 +12,9 @@ use dashmap::DashMap;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
@@ -645,19 +645,75 @@ async fn subscription(
     let first = (ch, inner.closed.guard(consumer), queue);
     let (tx, rx) = mpsc::channel::<Delivery>(64);
     let weak = tx.downgrade();
+    // Requests are consumed without acknowledgements: what the broker sent this member and
+    // nobody took would be lost with the channel. A graceful stop hands it back instead.
+    let (back, handed) = match source {
+        Source::Request { .. } => {
+            let (back, handed) = oneshot::channel();
+            (Some(back), Some(handed))
+        }
+        _ => (None, None),
+    };
     let state = SubState {
-        inner,
+        inner: inner.clone(),
         source,
         prefetch,
         current: Some(first),
         injected: rx,
         _keep: tx,
+        back,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         let d = st.next().await?;
         Some((d, st))
     });
-    Ok((Subscription::new(stream), weak))
+    let mut sub = Subscription::new(stream);
+    if let Some(handed) = handed {
+        sub = sub.with_finish(async move {
+            if let Ok(current) = handed.await {
+                hand_back(&inner, current).await;
+            }
+        });
+    }
+    Ok((sub, weak))
+}
+
+/// A consuming channel, its consumer and the queue it reads.
+type Consuming = (Channel, UntilClosed<lapin::Consumer>, String);
+
+/// How long a stopping member waits for the rest of what the broker sent it.
+const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
+
+/// Hands the requests the broker sent this member, and nobody took, back to their queue: the
+/// consumer is cancelled (after `cancel-ok` the broker sends it nothing more, and everything
+/// sent before has arrived), each request left is published again to the queue with its
+/// properties (reply-to, correlation id, expiration) and confirmed, then the channel closes.
+/// Another member answers them; a `send` waiting for its reply gets it from there.
+async fn hand_back(inner: &Arc<Inner>, (ch, mut consumer, queue): Consuming) {
+    let tag = consumer.get_ref().tag();
+    if ch
+        .basic_cancel(tag, BasicCancelOptions::default())
+        .await
+        .is_ok()
+    {
+        let mut handed = 0u64;
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(HAND_BACK_WAIT, consumer.next()).await {
+            let sent = match inner.session().await {
+                Ok(s) => confirmed(&s.confirm, "", &queue, false, &d.data, d.properties).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, %queue, "a request handed back to its queue was not published");
+                break;
+            }
+            handed += 1;
+        }
+        if handed > 0 {
+            tracing::debug!(handed, %queue, "requests handed back to their queue at a graceful stop");
+        }
+    }
+    let _ = ch.close(200, "subscription closed".into()).await;
+    drop(consumer);
 }
 
 struct SubState {
@@ -665,10 +721,13 @@ struct SubState {
     source: Source,
     prefetch: usize,
     /// The channel, its consumer (ending when the transport closes) and the queue.
-    current: Option<(Channel, UntilClosed<lapin::Consumer>, String)>,
+    current: Option<Consuming>,
     injected: mpsc::Receiver<Delivery>,
     /// Keeps `injected` open while the subscription lives.
     _keep: mpsc::Sender<Delivery>,
+    /// Where the consuming channel goes when the subscription is dropped, for a graceful stop
+    /// to hand back what it holds ([`hand_back`]; requests only).
+    back: Option<oneshot::Sender<Consuming>>,
 }
 
 impl SubState {
@@ -721,7 +780,12 @@ impl Drop for SubState {
         // dropped only once its channel is closed: lapin cancels a dropped consumer in the
         // background, and a cancel that meets its channel half-closed fails the whole
         // connection (lapin 4.12).
-        if let Some((ch, consumer, _)) = self.current.take()
+        let mut current = self.current.take();
+        if let (Some(back), Some(c)) = (self.back.take(), current.take()) {
+            // A graceful stop takes it; without one, it is closed below.
+            current = back.send(c).err();
+        }
+        if let Some((ch, consumer, _)) = current
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             rt.spawn(async move {

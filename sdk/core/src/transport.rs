@@ -761,6 +761,13 @@ impl<S> fmt::Debug for UntilClosed<S> {
     }
 }
 
+impl<S> UntilClosed<S> {
+    /// The stream inside.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+}
+
 impl<S: Stream + Unpin> Stream for UntilClosed<S> {
     type Item = S::Item;
 
