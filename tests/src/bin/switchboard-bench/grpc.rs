@@ -21,6 +21,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::workload::{self, Counter, Counts, Figure, check_reply, echo_bytes, encode};
 
+/// Set (to anything) to make the raw side's calls carry what switchboard's do: a message id
+/// and a deadline (`grpc-timeout`), so what that metadata costs is measured apart.
+const METADATA_ENV: &str = "SB_BENCH_RAW_METADATA";
+
 /// The raw server listens one port above the switchboard server.
 pub(crate) fn raw_addr(url: &str) -> SocketAddr {
     let u = url::Url::parse(url).expect("grpc URL");
@@ -166,21 +170,28 @@ pub(crate) async fn run_raw(url: &str, c: &Counts, counter: &mut Counter) -> Vec
     let client = SwitchboardClient::connect(format!("http://{}", raw_addr(url)))
         .await
         .expect("connect");
-    let envelope = |pattern: &str, i: u64| {
+    let metadata = std::env::var_os(METADATA_ENV).is_some();
+    let envelope = move |pattern: &str, i: u64| {
         Some(pb::Envelope {
             pattern: pattern.to_owned(),
             payload: encode(i).into(),
             content_type: "application/json".into(),
+            id: if metadata {
+                uuid::Uuid::now_v7().to_string()
+            } else {
+                String::new()
+            },
             ..Default::default()
         })
     };
     let call = move |mut client: SwitchboardClient<tonic::transport::Channel>, i: u64| async move {
-        let r = client
-            .send(pb::SendRequest {
-                envelope: envelope("bench.echo", i),
-            })
-            .await
-            .expect("send");
+        let mut req = Request::new(pb::SendRequest {
+            envelope: envelope("bench.echo", i),
+        });
+        if metadata {
+            req.set_timeout(std::time::Duration::from_secs(30));
+        }
+        let r = client.send(req).await.expect("send");
         check_reply(&r.into_inner().reply.expect("reply").payload, i);
     };
     let cl = client.clone();
