@@ -901,7 +901,13 @@ fn core_subscription(
     let client = inner.client.clone();
     let finish = async move {
         if let Ok(sub) = handed.await {
-            hand_back(&client, sub).await;
+            // Bounded as a whole: a stop during an outage does not wait for the server.
+            if tokio::time::timeout(HAND_BACK_LIMIT, hand_back(&client, sub))
+                .await
+                .is_err()
+            {
+                tracing::warn!("handing messages back to the queue group took too long; stopped");
+            }
         }
     };
     let stream = inner.closed.guard(keeper).map(move |m| {
@@ -972,6 +978,8 @@ impl Drop for Keeper {
 
 /// How long a stopping member waits for the rest of what the server sent it.
 const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
+/// The longest a graceful stop spends handing messages back.
+const HAND_BACK_LIMIT: Duration = Duration::from_secs(10);
 
 /// Hands what the server sent this member, and nobody took, back to the queue group: the
 /// server is told to stop sending (`drain`: unsubscribe, then read what is already on its way),

@@ -683,6 +683,8 @@ type Consuming = (Channel, UntilClosed<lapin::Consumer>, String);
 
 /// How long a stopping member waits for the rest of what the broker sent it.
 const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
+/// The longest a graceful stop spends handing requests back.
+const HAND_BACK_LIMIT: Duration = Duration::from_secs(10);
 
 /// Hands the requests the broker sent this member, and nobody took, back to their queue: the
 /// consumer is cancelled (after `cancel-ok` the broker sends it nothing more, and everything
@@ -691,28 +693,30 @@ const HAND_BACK_WAIT: Duration = Duration::from_secs(2);
 /// Another member answers them; a `send` waiting for its reply gets it from there.
 async fn hand_back(inner: &Arc<Inner>, (ch, mut consumer, queue): Consuming) {
     let tag = consumer.get_ref().tag();
-    if ch
-        .basic_cancel(tag, BasicCancelOptions::default())
-        .await
-        .is_ok()
-    {
+    let handing = async {
+        ch.basic_cancel(tag, BasicCancelOptions::default())
+            .await
+            .map_err(|e| amqp_error("cancel the consumer", e))?;
         let mut handed = 0u64;
         while let Ok(Some(Ok(d))) = tokio::time::timeout(HAND_BACK_WAIT, consumer.next()).await {
-            let sent = match inner.session().await {
-                Ok(s) => confirmed(&s.confirm, "", &queue, false, &d.data, d.properties).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = sent {
-                tracing::warn!(error = %e, %queue, "a request handed back to its queue was not published");
-                break;
-            }
+            let s = inner.session().await?;
+            confirmed(&s.confirm, "", &queue, false, &d.data, d.properties).await?;
             handed += 1;
         }
-        if handed > 0 {
+        Ok::<_, Error>(handed)
+    };
+    // Bounded as a whole: a stop during an outage does not wait for the broker.
+    match tokio::time::timeout(HAND_BACK_LIMIT, handing).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(handed)) => {
             tracing::debug!(handed, %queue, "requests handed back to their queue at a graceful stop");
         }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, %queue, "requests not handed back to their queue");
+        }
+        Err(_) => tracing::warn!(%queue, "handing requests back to their queue took too long"),
     }
-    let _ = ch.close(200, "subscription closed".into()).await;
+    let _ = tokio::time::timeout(HAND_BACK_WAIT, ch.close(200, "subscription closed".into())).await;
     drop(consumer);
 }
 
