@@ -19,6 +19,10 @@ use tokio::sync::{Notify, oneshot};
 use crate::workload::{self, Counter, Counts, Figure, check_reply, echo_bytes, encode};
 
 const ECHO: &str = "rawbench.echo";
+/// Set (to anything) to make the raw side's requests carry what switchboard's `send` does: a
+/// UUID correlation id, an `expiration`, the `mandatory` flag and a headers table with the
+/// deadline, so what that metadata costs is measured apart.
+const METADATA_ENV: &str = "SB_BENCH_RAW_METADATA";
 const EXCHANGE: &str = "rawbench.events";
 const QUEUE: &str = "rawbench.events.q";
 
@@ -180,17 +184,38 @@ impl Rpc {
     }
 
     async fn call(&self, i: u64) {
-        let id = self.next.fetch_add(1, Ordering::Relaxed).to_string();
+        let metadata = std::env::var_os(METADATA_ENV).is_some();
+        let id = if metadata {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed).to_string()
+        };
         let (tx, rx) = oneshot::channel();
         self.waiting.insert(id.clone(), tx);
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_reply_to("amq.rabbitmq.reply-to".into())
             .with_correlation_id(id.into());
+        if metadata {
+            let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(30);
+            let ms = deadline
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis();
+            let mut table = FieldTable::default();
+            table.insert(
+                "sb-deadline".into(),
+                AMQPValue::LongString(ms.to_string().into()),
+            );
+            props = props.with_expiration("30000".into()).with_headers(table);
+        }
         self.ch
             .basic_publish(
                 "".into(),
                 ECHO.into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: metadata,
+                    ..Default::default()
+                },
                 &encode(i),
                 props,
             )
