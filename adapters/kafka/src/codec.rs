@@ -8,7 +8,11 @@
 //!   reader takes the pattern it subscribed to;
 //! - `ce-id` on event records: the reader derives the id from the record's place in its
 //!   partition ([`implied_id`]), the same for every group and every time the record is read
-//!   again; a retry's copy, stored elsewhere, carries the id it was first read with.
+//!   again; a retry's copy, stored elsewhere, carries the id it was first read with;
+//! - on a request, `sb-correlation-id` when it equals its `ce-id` (the reader takes the id);
+//! - on a reply, `ce-id` when it equals the correlation id (a reply's id is its request's),
+//!   `sb-causation-id` when it equals the correlation id (`Envelope::complete_reply`), and
+//!   `sb-reply-to` (the reply is at its address).
 //!
 //! Ids and the deadline are formatted on the stack: no string is allocated per header.
 
@@ -28,7 +32,13 @@ pub(crate) fn record_headers(env: &Envelope, route: Route<'_>) -> Option<OwnedHe
     };
     let mut put = |key: &str, value: &str| h.put(key, value);
     let mut buf = [0u8; 36];
-    if !matches!(route, Route::Event(_)) {
+    let reply = matches!(route, Route::Reply(_));
+    let request = matches!(route, Route::Request(_));
+    // The correlation id is the message's own id (a request's default; a reply to it).
+    let correlation_is_id = env
+        .correlation_id
+        .is_some_and(|c| c.as_uuid() == env.id.as_uuid());
+    if !(matches!(route, Route::Event(_)) || reply && correlation_is_id) {
         put(header::ID, env.id.encode(&mut buf));
     }
     if matches!(route, Route::Reply(_)) {
@@ -41,13 +51,19 @@ pub(crate) fn record_headers(env: &Envelope, route: Route<'_>) -> Option<OwnedHe
     {
         put(header::CONTENT_TYPE, ct);
     }
-    if let Some(c) = &env.correlation_id {
+    if let Some(c) = env
+        .correlation_id
+        .filter(|_| !(request && correlation_is_id && env.reply_to.is_some()))
+    {
         put(header::CORRELATION_ID, c.encode(&mut buf));
     }
-    if let Some(c) = &env.causation_id {
+    if let Some(c) = env
+        .causation_id
+        .filter(|_| !(reply && env.causation_implied()))
+    {
         put(header::CAUSATION_ID, c.encode(&mut buf));
     }
-    if let Some(r) = &env.reply_to {
+    if let Some(r) = env.reply_to.as_ref().filter(|_| !reply) {
         put(header::REPLY_TO, r);
     }
     if let Some(d) = env.deadline {
@@ -296,5 +312,54 @@ mod tests {
         let got = pairs(&record_headers(&env, Route::Reply("sb.reply.c1")).expect("headers"));
         assert!(got.contains(&(header::PATTERN.into(), "users.get".into())));
         assert!(got.contains(&(header::CONTENT_TYPE.into(), content_type::BYTES.into())));
+    }
+
+    /// A request correlated by its own id sends the id once; its reply sends neither the id
+    /// nor the causation nor the address, and reads back whole.
+    #[test]
+    fn request_and_reply_leave_out_what_their_correlation_implies() {
+        use switchboard_core::CorrelationId;
+        let mut req = Envelope::new("users.get", &b"{}"[..]);
+        req.correlation_id = Some(CorrelationId::from(req.id));
+        req.reply_to = Some("sb.reply.c1".into());
+        let names =
+            |h: &OwnedHeaders| -> Vec<String> { pairs(h).into_iter().map(|(k, _)| k).collect() };
+        let sent = names(&record_headers(&req, Route::Request("users.get")).expect("headers"));
+        assert!(sent.contains(&header::ID.to_owned()), "{sent:?}");
+        assert!(
+            !sent.contains(&header::CORRELATION_ID.to_owned()),
+            "{sent:?}"
+        );
+        // A correlation id carried from elsewhere is sent.
+        let mut carried = req.clone();
+        carried.correlation_id = Some(CorrelationId::new());
+        let sent = names(&record_headers(&carried, Route::Request("users.get")).expect("headers"));
+        assert!(
+            sent.contains(&header::CORRELATION_ID.to_owned()),
+            "{sent:?}"
+        );
+
+        let reply = Envelope::reply_to(&req, &b"{}"[..]);
+        let h = record_headers(&reply, Route::Reply("sb.reply.c1")).expect("headers");
+        let sent = names(&h);
+        for left_out in [header::ID, header::CAUSATION_ID, header::REPLY_TO] {
+            assert!(
+                !sent.contains(&left_out.to_owned()),
+                "{left_out} in {sent:?}"
+            );
+        }
+        let got = pairs(&h);
+        let (mut back, malformed) = Envelope::read(
+            got.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            reply.payload.clone(),
+            "",
+            req.correlation_id.map(MessageId::from),
+        );
+        assert_eq!(malformed, None);
+        back.complete_reply(None);
+        assert_eq!(back.id, reply.id);
+        assert_eq!(back.correlation_id, reply.correlation_id);
+        assert_eq!(back.causation_id, Some(req.id));
+        assert_eq!(back.pattern, "users.get");
     }
 }

@@ -26,7 +26,7 @@ use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Confirmation, Delivery, Inbox, NoAck, Publisher, Route,
     SubscribeOptions, Subscriber, Subscription, Transport,
 };
-use switchboard_core::{Envelope, Error, ErrorKind, MessageId, Result, header};
+use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, MessageId, Result, header};
 use tokio::sync::mpsc;
 
 use crate::codec::PackedHeaders;
@@ -950,9 +950,13 @@ impl Record {
             self.implied,
             attempt,
             acker,
-            |_, malformed| {
+            |env, malformed| {
                 if let Some(reason) = bad {
                     *malformed = Some(reason);
+                }
+                // A request without `sb-correlation-id` is correlated by its own id.
+                if env.reply_to.is_some() && env.correlation_id.is_none() {
+                    env.correlation_id = Some(CorrelationId::from(env.id));
                 }
             },
         )
@@ -1165,7 +1169,16 @@ impl Subscriber for KafkaTransport {
                         continue;
                     }
                 };
-                let d = Record::of(&msg).delivery(&fallback, 1, Box::new(NoAck));
+                let record = Record::of(&msg);
+                let without_id = record.implied.is_some();
+                let mut d = record.delivery(&fallback, 1, Box::new(NoAck));
+                let env = d.envelope_mut();
+                // A reply's id is its request's, which its correlation id names; its
+                // causation, left out, is the same.
+                if without_id && let Some(c) = env.correlation_id {
+                    env.id = MessageId::from(c);
+                }
+                env.complete_reply(None);
                 if tx.send(d).is_err() {
                     return;
                 }
