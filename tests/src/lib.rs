@@ -265,6 +265,64 @@ const LOAD_CASES: &[&str] = &["ten_thousand_concurrent_requests_are_all_matched"
 /// Held shared by every case of this test binary and exclusively by a [`LOAD_CASES`] case.
 static LOAD_GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// The secure-connection check of a transport (TLS with credentials): a service connected
+/// with `url` answers a `send` and handles an event emitted by a second client on the same
+/// URL, and the transport's `Debug` output does not show `secret`. `broker` names the server
+/// in the panic message when the first connect fails.
+pub async fn secure_round_trip(url: &str, secret: &str, broker: &str) {
+    use serde::{Deserialize, Serialize};
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Ping {
+        n: u32,
+    }
+    let server = within("connect", switchboard::connect(url))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {broker} (scripts/brokers up): {e}"));
+    let shown = format!("{:?}", server.transport());
+    assert!(
+        !shown.contains(secret),
+        "the secret shows in Debug: {shown}"
+    );
+    within(
+        "handle",
+        server.handle("secure.ping", |p: Ping, _ctx| async move {
+            Ok::<_, switchboard::HandlerError>(Ping { n: p.n + 1 })
+        }),
+    )
+    .await
+    .expect("handler");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    within(
+        "on_event",
+        server.on_event("secure.seen", "audit", move |p: Ping, _ctx| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(p.n);
+                Ok(())
+            }
+        }),
+    )
+    .await
+    .expect("subscribe");
+    let client = within("connect", switchboard::connect(url))
+        .await
+        .expect("client connects");
+    let r: Ping = within("send", client.send("secure.ping", &Ping { n: 1 }))
+        .await
+        .expect("reply over the secure connection");
+    assert_eq!(r, Ping { n: 2 });
+    within("emit", client.emit("secure.seen", &Ping { n: 7 }))
+        .await
+        .expect("accepted");
+    assert_eq!(within("event", rx.recv()).await, Some(7));
+    within("shutdown", client.shutdown())
+        .await
+        .expect("shutdown");
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+}
+
 /// Runs one case on a harness, bounded to four minutes, and reports a skip loudly. A load
 /// case waits until no other case runs, and the others wait while it runs (bounded too).
 pub async fn run_case<F, Fut>(harness: Harness, case: &str, f: F)

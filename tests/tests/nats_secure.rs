@@ -5,16 +5,10 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use switchboard::{ErrorKind, HandlerError};
+use switchboard::ErrorKind;
 use switchboard_conformance::within;
 
 const PASSWORD: &str = "test-s3cret";
-
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct Ping {
-    n: u32,
-}
 
 fn ca() -> String {
     let dir = std::env::var("SB_TLS_DIR").unwrap_or_else(|_| "/tmp/switchboard-tls".into());
@@ -28,49 +22,7 @@ fn url(user: &str, password: &str, query: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_credentials_carries_send_and_emit() {
     let u = url("switchboard", PASSWORD, &format!("&tls_ca={}", ca()));
-    let server = within("connect", switchboard::connect(&u))
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to the TLS server (scripts/brokers up): {e}"));
-    let shown = format!("{:?}", server.transport());
-    assert!(
-        !shown.contains(PASSWORD),
-        "the password shows in Debug: {shown}"
-    );
-    within(
-        "handle",
-        server.handle("secure.ping", |p: Ping, _ctx| async move {
-            Ok::<_, HandlerError>(Ping { n: p.n + 1 })
-        }),
-    )
-    .await
-    .expect("handler");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    within(
-        "on_event",
-        server.on_event("secure.seen", "audit", move |p: Ping, _ctx| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(p.n);
-                Ok(())
-            }
-        }),
-    )
-    .await
-    .expect("subscribe");
-    let client = within("connect", switchboard::connect(&u))
-        .await
-        .expect("client connects");
-    let r: Ping = within("send", client.send("secure.ping", &Ping { n: 1 }))
-        .await
-        .expect("reply over TLS");
-    assert_eq!(r, Ping { n: 2 });
-    within("emit", client.emit("secure.seen", &Ping { n: 7 }))
-        .await
-        .expect("accepted");
-    assert_eq!(within("event", rx.recv()).await, Some(7));
-    within("shutdown", server.shutdown())
-        .await
-        .expect("shutdown");
+    switchboard_conformance::secure_round_trip(&u, PASSWORD, "the TLS NATS server").await;
 }
 
 #[tokio::test]
