@@ -265,6 +265,17 @@ const LOAD_CASES: &[&str] = &["ten_thousand_concurrent_requests_are_all_matched"
 /// Held shared by every case of this test binary and exclusively by a [`LOAD_CASES`] case.
 static LOAD_GATE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
+/// The password of user `switchboard` on the secure brokers `scripts/brokers` starts
+/// (`nats-secure`, `kafka-secure`).
+pub const SECURE_PASSWORD: &str = "test-s3cret";
+
+/// The test CA `scripts/brokers` makes for the secure brokers (`$SB_TLS_DIR/ca.pem`, default
+/// `/tmp/switchboard-tls`).
+pub fn test_ca() -> String {
+    let dir = std::env::var("SB_TLS_DIR").unwrap_or_else(|_| "/tmp/switchboard-tls".into());
+    format!("{dir}/ca.pem")
+}
+
 /// The secure-connection check of a transport (TLS with credentials): a service connected
 /// with `url` answers a `send` and handles an event emitted by a second client on the same
 /// URL, and the transport's `Debug` output does not show `secret`. `broker` names the server

@@ -7,14 +7,7 @@
 use std::time::Duration;
 
 use switchboard::ErrorKind;
-use switchboard_conformance::within;
-
-const PASSWORD: &str = "test-s3cret";
-
-fn ca() -> String {
-    let dir = std::env::var("SB_TLS_DIR").unwrap_or_else(|_| "/tmp/switchboard-tls".into());
-    format!("{dir}/ca.pem")
-}
+use switchboard_conformance::{SECURE_PASSWORD as PASSWORD, test_ca as ca, within};
 
 /// The secure broker's URL; `query` adds options. tansu holds every fetch for
 /// `fetch_wait_ms` (docs/kafka.md), so the tests ask for a short one.

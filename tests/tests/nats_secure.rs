@@ -6,14 +6,7 @@
 use std::time::Duration;
 
 use switchboard::ErrorKind;
-use switchboard_conformance::within;
-
-const PASSWORD: &str = "test-s3cret";
-
-fn ca() -> String {
-    let dir = std::env::var("SB_TLS_DIR").unwrap_or_else(|_| "/tmp/switchboard-tls".into());
-    format!("{dir}/ca.pem")
-}
+use switchboard_conformance::{SECURE_PASSWORD as PASSWORD, test_ca as ca, within};
 
 fn url(user: &str, password: &str, query: &str) -> String {
     format!("tls://{user}:{password}@127.0.0.1:4223?events=core&connect_timeout_ms=3000{query}")
