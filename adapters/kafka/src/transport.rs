@@ -80,6 +80,23 @@ fn check_size(payload: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// One record for the producer: a record without headers gets no header list.
+fn record<'a>(
+    topic: &'a TopicRef,
+    payload: &'a [u8],
+    headers: Option<OwnedHeaders>,
+    key: Option<&'a str>,
+) -> FutureRecord<'a, str, [u8]> {
+    let mut record = FutureRecord::to(topic.as_str()).payload(payload);
+    if let Some(h) = headers {
+        record = record.headers(h);
+    }
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    record
+}
+
 /// The wait for the broker's acknowledgement of one record: librdkafka's delivery report,
 /// and a timer only when the publish must give up sooner than librdkafka does. A named
 /// future of a few words (publishes are boxed by the transport trait: every byte of the
@@ -317,13 +334,7 @@ impl KafkaTransport {
         within: Option<Duration>,
     ) -> Result<Ack> {
         check_size(payload)?;
-        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str()).payload(payload);
-        if let Some(h) = headers {
-            record = record.headers(h);
-        }
-        if let Some(k) = key {
-            record = record.key(k);
-        }
+        let mut record = record(&topic, payload, headers, key);
         let within = self.bound(within);
         let until = tokio::time::Instant::now() + within.unwrap_or(self.inner.cfg.publish_timeout);
         let delivery = loop {
@@ -364,13 +375,8 @@ impl KafkaTransport {
             Route::Reply(address) => TopicRef::Named(address.to_owned()),
             _ => TopicRef::Known(self.known_topic(route)?),
         };
-        let mut record = FutureRecord::<str, [u8]>::to(topic.as_str()).payload(&msg.payload);
-        if let Some(h) = crate::codec::record_headers(msg, route) {
-            record = record.headers(h);
-        }
-        if let Some(k) = &msg.key {
-            record = record.key(k);
-        }
+        let headers = crate::codec::record_headers(msg, route);
+        let record = record(&topic, &msg.payload, headers, msg.key.as_deref());
         let sent = match self.inner.producer.send_result(record) {
             Ok(d) => Ok(d),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => return None,
@@ -913,7 +919,33 @@ struct Record {
 }
 
 impl Record {
+    /// A record of a group subscription: one without `ce-id` (an event) takes the id its
+    /// place in the partition implies.
     fn of(msg: &impl Message) -> Self {
+        Self::read(msg, |_| {
+            Some(crate::codec::implied_id(
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                msg.timestamp().to_millis(),
+            ))
+        })
+    }
+
+    /// A reply: one without `ce-id` (the usual case) takes its request's id, which its
+    /// correlation id names.
+    fn reply(msg: &impl Message) -> Self {
+        Self::read(msg, |headers| {
+            let correlation = headers.get(header::CORRELATION_ID)?;
+            correlation
+                .parse::<CorrelationId>()
+                .ok()
+                .map(MessageId::from)
+        })
+    }
+
+    /// `implied` gives the id of a record without `ce-id`.
+    fn read(msg: &impl Message, implied: impl FnOnce(&PackedHeaders) -> Option<MessageId>) -> Self {
         let packed = match msg.headers() {
             None => Ok(PackedHeaders::default()),
             Some(hs) => PackedHeaders::pack(|| hs.iter().map(|h| (h.key, h.value))),
@@ -922,14 +954,11 @@ impl Record {
             Ok(h) => (h, None),
             Err(reason) => (PackedHeaders::default(), Some(reason)),
         };
-        let implied = headers.get(header::ID).is_none().then(|| {
-            crate::codec::implied_id(
-                msg.topic(),
-                msg.partition(),
-                msg.offset(),
-                msg.timestamp().to_millis(),
-            )
-        });
+        let implied = if headers.get(header::ID).is_none() {
+            implied(&headers)
+        } else {
+            None
+        };
         Record {
             headers,
             bad_headers,
@@ -1169,16 +1198,9 @@ impl Subscriber for KafkaTransport {
                         continue;
                     }
                 };
-                let record = Record::of(&msg);
-                let without_id = record.implied.is_some();
-                let mut d = record.delivery(&fallback, 1, Box::new(NoAck));
-                let env = d.envelope_mut();
-                // A reply's id is its request's, which its correlation id names; its
-                // causation, left out, is the same.
-                if without_id && let Some(c) = env.correlation_id {
-                    env.id = MessageId::from(c);
-                }
-                env.complete_reply(None);
+                let mut d = Record::reply(&msg).delivery(&fallback, 1, Box::new(NoAck));
+                // A causation left out is the correlation id (the request's id).
+                d.envelope_mut().complete_reply(None);
                 if tx.send(d).is_err() {
                     return;
                 }
