@@ -970,7 +970,8 @@ impl Stream for Keeper {
 impl Drop for Keeper {
     fn drop(&mut self) {
         if let (Some(sub), Some(back)) = (self.sub.take(), self.back.take()) {
-            // Without a graceful stop nobody waits for it: dropped, it unsubscribes.
+            // Held by the finishing work; when none runs (the transport closed), it is
+            // dropped with it and unsubscribes.
             let _ = back.send(sub);
         }
     }
