@@ -8,10 +8,11 @@
 //! so public APIs speak SDK types. [`FILE_DESCRIPTOR_SET`] is the encoded schema, for gRPC
 //! reflection.
 
+use std::borrow::Cow;
 use std::time::{Duration, UNIX_EPOCH};
 
 use switchboard_core::envelope::system_time_to_millis;
-use switchboard_core::{Envelope, Error, ReplyError, Result};
+use switchboard_core::{Envelope, Error, MessageId, ReplyError, Result};
 
 /// Types generated from `proto/switchboard/v1`.
 #[allow(
@@ -31,30 +32,42 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// The full gRPC name of the service, `switchboard.v1.Switchboard`.
 pub const SERVICE_NAME: &str = "switchboard.v1.Switchboard";
 
-/// The SDK envelope as its protobuf message.
+/// The SDK envelope as its protobuf message (a copy; see [`into_proto`]).
 pub fn to_proto(env: &Envelope) -> pb::Envelope {
+    into_proto(env.clone())
+}
+
+/// The SDK envelope as its protobuf message, its strings and payload moved rather than copied.
+pub fn into_proto(env: Envelope) -> pb::Envelope {
+    let Envelope {
+        id,
+        pattern,
+        correlation_id,
+        causation_id,
+        reply_to,
+        deadline,
+        key,
+        error,
+        content_type,
+        headers,
+        payload,
+        ..
+    } = env;
     pb::Envelope {
-        id: env.id.to_string(),
-        pattern: env.pattern.clone(),
-        correlation_id: env
-            .correlation_id
-            .map(|c| c.to_string())
-            .unwrap_or_default(),
-        causation_id: env.causation_id.map(|c| c.to_string()).unwrap_or_default(),
-        reply_to: env.reply_to.clone().unwrap_or_default(),
-        deadline_unix_ms: env.deadline.map(system_time_to_millis).unwrap_or(0),
-        key: env.key.clone().unwrap_or_default(),
-        error: env.error.as_ref().map(|e| pb::ReplyError {
-            code: e.code.clone(),
-            message: e.message.clone(),
+        id: id.to_string(),
+        pattern,
+        correlation_id: correlation_id.map(|c| c.to_string()).unwrap_or_default(),
+        causation_id: causation_id.map(|c| c.to_string()).unwrap_or_default(),
+        reply_to: reply_to.unwrap_or_default(),
+        deadline_unix_ms: deadline.map(system_time_to_millis).unwrap_or(0),
+        key: key.unwrap_or_default(),
+        error: error.map(|e| pb::ReplyError {
+            code: e.code,
+            message: e.message,
         }),
-        content_type: env
-            .content_type
-            .as_deref()
-            .map(str::to_owned)
-            .unwrap_or_default(),
-        headers: env.headers.clone().into_iter().collect(),
-        payload: env.payload.clone(),
+        content_type: content_type.map(Cow::into_owned).unwrap_or_default(),
+        headers: headers.into_iter().collect(),
+        payload,
     }
 }
 
@@ -70,10 +83,13 @@ pub fn from_proto(m: pb::Envelope) -> Result<Envelope> {
     if m.pattern.is_empty() {
         return Err(Error::codec("proto", "envelope has an empty pattern"));
     }
-    let mut env = Envelope::new(m.pattern, m.payload);
-    if !m.id.is_empty() {
-        env.id = m.id.parse()?;
-    }
+    // An id drawn only when none was given (drawing one costs a clock read and randomness).
+    let id = if m.id.is_empty() {
+        MessageId::new()
+    } else {
+        m.id.parse()?
+    };
+    let mut env = Envelope::with_id(id, m.pattern, m.payload);
     env.correlation_id = non_empty(m.correlation_id).map(|s| s.parse()).transpose()?;
     env.causation_id = non_empty(m.causation_id).map(|s| s.parse()).transpose()?;
     env.reply_to = non_empty(m.reply_to);

@@ -8,7 +8,7 @@
 //!
 //! | call | gRPC call used |
 //! | --- | --- |
-//! | `send` | unary `Send`; the call's deadline is the gRPC deadline |
+//! | `send` | unary `Send`; the deadline travels in the envelope (`deadline_unix_ms`, no `grpc-timeout` as well) and the client ends the call when it passes |
 //! | `emit` | unary `Emit`, returning once the server's backend accepted the event |
 //! | `request` | unary `Request` (returns at once), the reply on the client's one `Replies` stream |
 //! | handlers | one bidirectional `Subscribe` stream per pattern: deliveries down, acks and nacks up |

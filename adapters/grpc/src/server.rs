@@ -20,7 +20,7 @@ use switchboard_core::{
 };
 use switchboard_proto::pb::switchboard_server::{Switchboard, SwitchboardServer};
 use switchboard_proto::pb::{self, RouteKind};
-use switchboard_proto::{from_proto, to_proto};
+use switchboard_proto::{from_proto, into_proto, to_proto};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -235,7 +235,7 @@ impl Switchboard for SwitchboardService {
             return Err(status::from_reply_error(e));
         }
         Ok(Response::new(pb::SendResponse {
-            reply: Some(to_proto(&reply)),
+            reply: Some(into_proto(reply)),
         }))
     }
 

@@ -15,7 +15,7 @@ use switchboard_core::{
 };
 use switchboard_proto::pb::switchboard_client::SwitchboardClient;
 use switchboard_proto::pb::{self, RouteKind};
-use switchboard_proto::{from_proto, to_proto};
+use switchboard_proto::{from_proto, into_proto, to_proto};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -310,7 +310,7 @@ impl Publisher for GrpcTransport {
             });
             return Ok(());
         }
-        let envelope = Some(to_proto(&msg));
+        let envelope = Some(into_proto(msg));
         let r = match route {
             Route::Event(_) => rpc
                 .emit(self.req(pb::EmitRequest { envelope }))
@@ -588,17 +588,24 @@ impl Requester for GrpcTransport {
         let correlation = msg.correlation_id;
         // The correlation id is the request's id unless carried from a parent: then it is
         // left out, and the server takes the one for the other.
-        let mut wire = to_proto(&msg);
-        if correlation.is_some_and(|c| c.as_uuid() == msg.id.as_uuid()) {
+        let implied = correlation.is_some_and(|c| c.as_uuid() == msg.id.as_uuid());
+        let mut wire = into_proto(msg);
+        if implied {
             wire.correlation_id.clear();
         }
-        let mut req = self.req(pb::SendRequest {
+        // The deadline travels in the envelope (`deadline_unix_ms`), which the server honours
+        // as it honours a `grpc-timeout`; that header is not sent as well, since tonic's server
+        // would arm a second timer for it on every call. Here the call ends at the deadline:
+        // dropping it resets its stream, which ends the server's side too.
+        let req = self.req(pb::SendRequest {
             envelope: Some(wire),
         });
-        // tonic's client ends the call at this deadline (and tells the server).
-        req.set_timeout(left);
         let mut rpc = self.inner.rpc.clone();
-        match rpc.send(req).await {
+        let sent = match tokio::time::timeout_at(deadline, rpc.send(req)).await {
+            Ok(sent) => sent,
+            Err(_) => return Err(Error::timeout(NAME, left)),
+        };
+        match sent {
             Ok(r) => {
                 let reply = r
                     .into_inner()

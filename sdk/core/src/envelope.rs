@@ -344,8 +344,9 @@ impl Envelope {
         Self::with_id(MessageId::new(), pattern.into(), payload.into())
     }
 
-    /// An envelope with the given id and nothing else set.
-    fn with_id(id: MessageId, pattern: String, payload: Bytes) -> Self {
+    /// An envelope with the given id and nothing else set: for bridges that read messages
+    /// carrying their own id (drawing a fresh one to overwrite costs a clock read).
+    pub fn with_id(id: MessageId, pattern: String, payload: Bytes) -> Self {
         Envelope {
             id,
             pattern,
