@@ -334,6 +334,25 @@ pub async fn secure_round_trip(url: &str, secret: &str, broker: &str) {
         .expect("shutdown");
 }
 
+/// Connects to `url`, which the broker must refuse: the error, and how long the refusal took.
+pub async fn refused_connect(url: &str) -> (switchboard::Error, Duration) {
+    let started = std::time::Instant::now();
+    let err = within("connect", switchboard::connect(url))
+        .await
+        .expect_err("the connection is refused");
+    (err, started.elapsed())
+}
+
+/// The wrong-password check of a secure broker: connecting with `url`, which carries `secret`
+/// as its password, fails as `Unauthenticated` within `bound`, and `secret` shows neither in
+/// the error's message nor in its `Debug` output.
+pub async fn wrong_password_is_refused(url: &str, secret: &str, bound: Duration) {
+    let (err, took) = refused_connect(url).await;
+    assert_eq!(err.kind(), switchboard::ErrorKind::Unauthenticated, "{err}");
+    assert!(!format!("{err} {err:?}").contains(secret), "{err:?}");
+    assert!(took < bound, "bounded: {took:?}");
+}
+
 /// Runs one case on a harness, bounded to four minutes, and reports a skip loudly. A load
 /// case waits until no other case runs, and the others wait while it runs (bounded too).
 pub async fn run_case<F, Fut>(harness: Harness, case: &str, f: F)
