@@ -41,7 +41,7 @@ pub(crate) fn record_headers(env: &Envelope, route: Route<'_>) -> Option<OwnedHe
     if !(matches!(route, Route::Event(_)) || reply && correlation_is_id) {
         put(header::ID, env.id.encode(&mut buf));
     }
-    if matches!(route, Route::Reply(_)) {
+    if reply {
         put(header::PATTERN, &env.pattern);
     }
     if let Some(ct) = env
