@@ -51,6 +51,10 @@
 
 pub use switchboard_core::*;
 
+/// Caller-side policies around `send` and `request`: timeout, retry, circuit breaker,
+/// bulkhead, load shedding, fallback (docs/resilience.md).
+pub use switchboard_resilience as resilience;
+
 /// The RabbitMQ transport (feature `rabbitmq`).
 #[cfg(feature = "rabbitmq")]
 pub use switchboard_rabbitmq as rabbitmq;

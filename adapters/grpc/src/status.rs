@@ -20,7 +20,10 @@ pub const ERROR_CODE: &str = "sb-error-code";
 pub fn code_of(kind: ErrorKind) -> Code {
     match kind {
         ErrorKind::Timeout => Code::DeadlineExceeded,
-        ErrorKind::NoResponder | ErrorKind::Connection | ErrorKind::Closed => Code::Unavailable,
+        ErrorKind::NoResponder
+        | ErrorKind::Connection
+        | ErrorKind::Closed
+        | ErrorKind::CircuitOpen => Code::Unavailable,
         ErrorKind::Handler => Code::Unknown,
         ErrorKind::Unauthenticated => Code::Unauthenticated,
         ErrorKind::Unsupported => Code::Unimplemented,

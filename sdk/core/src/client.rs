@@ -315,6 +315,25 @@ impl Client {
         Ok(env)
     }
 
+    /// The request envelope `send_with` would send: the pattern checked, the body encoded and
+    /// its size checked, the options applied (key, headers, parent) and the deadline set (the
+    /// call's timeout, or the client's, from now, bounded by the parent's deadline). For
+    /// layers that send through [`Client::send_envelope`] themselves, such as the resilience
+    /// policies.
+    ///
+    /// # Errors
+    /// `InvalidConfig` for a malformed pattern, `Codec`, `PayloadTooLarge`.
+    pub fn request_envelope<T: Encode + ?Sized>(
+        &self,
+        pattern: &str,
+        body: &T,
+        opts: &CallOptions,
+    ) -> Result<Envelope> {
+        let mut env = self.envelope(pattern, body, opts)?;
+        env.deadline = Some(self.deadline(opts).1);
+        Ok(env)
+    }
+
     fn check_size(&self, len: usize) -> Result<()> {
         if len > self.inner.max_payload {
             return Err(Error::new(

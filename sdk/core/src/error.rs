@@ -40,6 +40,8 @@ pub enum ErrorKind {
     Closed,
     /// The caller is being shed: too much is in flight.
     Overloaded,
+    /// A circuit breaker is open: calls to this target fail at once until it probes again.
+    CircuitOpen,
     /// Anything else.
     Other,
 }
@@ -62,6 +64,7 @@ impl ErrorKind {
             K::PayloadTooLarge,
             K::Closed,
             K::Overloaded,
+            K::CircuitOpen,
             K::Other,
         ]
         .into_iter()
@@ -83,6 +86,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::Closed => "closed",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::CircuitOpen => "circuit_open",
             ErrorKind::Other => "other",
         }
     }
@@ -188,7 +192,8 @@ impl Error {
     ///
     /// True for timeouts, lost connections, missing responders (a service may be starting),
     /// a closed transport that reconnects, and overload. False for bad input, codec and
-    /// handler errors, which fail the same way again.
+    /// handler errors, which fail the same way again, and for an open circuit, which fails
+    /// at once until the breaker probes again.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.0.kind,
