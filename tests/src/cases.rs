@@ -1759,3 +1759,160 @@ pub async fn broker_restart_loses_no_accepted_event(h: Harness) -> Outcome {
     }
     Outcome::Passed
 }
+
+/// A handler on `pattern` that counts its calls and fails with the transient code
+/// `unavailable` on the calls `fail(call number)` names.
+async fn flaky_server(
+    h: &Harness,
+    pattern: &str,
+    fail: impl Fn(u32) -> bool + Send + Sync + 'static,
+) -> (Client, Arc<AtomicU32>) {
+    let server = h.client().await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    within(
+        "register flaky handler",
+        server.handle(pattern, move |n: u32, _ctx| {
+            let call = seen.fetch_add(1, Ordering::SeqCst) + 1;
+            let failed = fail(call);
+            async move {
+                if failed {
+                    Err(HandlerError::new("unavailable", "down for a moment"))
+                } else {
+                    Ok(n + 1)
+                }
+            }
+        }),
+    )
+    .await
+    .expect("handler registers");
+    (server, calls)
+}
+
+/// The caller-side retry policy across this transport: a transient failure is retried and
+/// recovered; a service that keeps failing is retried only until the call's deadline, which
+/// the last attempt does not outlive.
+pub async fn policy_retries_transient_failures_until_the_deadline(h: Harness) -> Outcome {
+    use switchboard::resilience::{Policies, Policy, Resilient, Retry};
+    let (recovering, always) = (h.pattern("retry-recover"), h.pattern("retry-deadline"));
+    let (server_a, calls_a) = flaky_server(&h, &recovering, |call| call <= 2).await;
+    let (server_b, calls_b) = flaky_server(&h, &always, |_| true).await;
+    let backoff = Backoff::exponential(Duration::from_millis(20), Duration::from_millis(100));
+    let deadline = Duration::from_secs(2);
+    let policies = Policies::new()
+        .pattern(
+            &recovering,
+            Policy::new().retry(Retry::attempts(5).backoff(backoff)),
+        )
+        .pattern(
+            &always,
+            Policy::new()
+                .timeout(deadline)
+                .retry(Retry::attempts(10_000).backoff(backoff)),
+        );
+    let client = Resilient::new(h.client().await, policies).expect("valid policies");
+
+    let got: u32 = within("send with retries", client.send(&recovering, &1u32))
+        .await
+        .expect("the third attempt succeeds");
+    assert_eq!(got, 2);
+    assert_eq!(calls_a.load(Ordering::SeqCst), 3);
+
+    let started = tokio::time::Instant::now();
+    let err = within(
+        "send until the deadline",
+        client.send::<_, u32>(&always, &1u32),
+    )
+    .await
+    .expect_err("the service keeps failing");
+    let took = started.elapsed();
+    assert!(
+        err.code() == "unavailable" || err.kind() == ErrorKind::Timeout,
+        "{err}"
+    );
+    assert!(
+        took <= deadline + Duration::from_millis(250),
+        "retries outlived the deadline: {took:?}"
+    );
+    let attempts = calls_b.load(Ordering::SeqCst);
+    assert!(attempts >= 2, "retried: {attempts} attempts");
+    for s in [server_a, server_b] {
+        within("shutdown", s.shutdown()).await.expect("shutdown");
+    }
+    Outcome::Passed
+}
+
+/// The caller-side circuit breaker across this transport: it opens once the failure rate over
+/// the minimum volume reaches the threshold, fails calls at once while open (the service is
+/// not called), lets a probe through after the reset timeout, and closes when it succeeds.
+pub async fn policy_circuit_breaker_opens_half_opens_and_closes(h: Harness) -> Outcome {
+    use switchboard::resilience::{
+        CircuitBreaker, CircuitState, Policies, Policy, PolicyEvent, Resilient, Window,
+    };
+    let p = h.pattern("breaker");
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let now_failing = failing.clone();
+    let (server, calls) = flaky_server(&h, &p, move |_| now_failing.load(Ordering::SeqCst)).await;
+    let transitions = Arc::new(Mutex::new(Vec::new()));
+    let heard = transitions.clone();
+    let open_for = Duration::from_millis(500);
+    let policies = Policies::new()
+        .pattern(
+            &p,
+            Policy::new().circuit_breaker(
+                CircuitBreaker::new()
+                    .failure_rate(0.5)
+                    .window(Window::Calls(10))
+                    .minimum_calls(4)
+                    .open_for(open_for)
+                    .half_open_calls(1),
+            ),
+        )
+        .on_event(move |e| {
+            if let PolicyEvent::CircuitStateChanged { from, to, .. } = e {
+                heard.lock().expect("events").push((*from, *to));
+            }
+        });
+    let client = Resilient::new(h.client().await, policies).expect("valid policies");
+
+    for _ in 0..4 {
+        let err = within("failing send", client.send::<_, u32>(&p, &1u32))
+            .await
+            .expect_err("the service fails");
+        assert_eq!(err.code(), "unavailable", "{err}");
+    }
+    let opened = tokio::time::Instant::now();
+    assert_eq!(client.circuit_state(&p), Some(CircuitState::Open));
+    let started = tokio::time::Instant::now();
+    let err = within("send on an open circuit", client.send::<_, u32>(&p, &1u32))
+        .await
+        .expect_err("open");
+    assert_eq!(err.kind(), ErrorKind::CircuitOpen, "{err}");
+    assert!(started.elapsed() < Duration::from_millis(50));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "an open circuit calls nobody"
+    );
+
+    failing.store(false, Ordering::SeqCst);
+    // The reset timeout is the behaviour under test: the probe goes at its end.
+    tokio::time::sleep_until(opened + open_for).await;
+    let got: u32 = within("probe", client.send(&p, &1u32))
+        .await
+        .expect("the probe succeeds");
+    assert_eq!(got, 2);
+    assert_eq!(client.circuit_state(&p), Some(CircuitState::Closed));
+    assert_eq!(
+        *transitions.lock().expect("events"),
+        [
+            (CircuitState::Closed, CircuitState::Open),
+            (CircuitState::Open, CircuitState::HalfOpen),
+            (CircuitState::HalfOpen, CircuitState::Closed),
+        ]
+    );
+    within("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    Outcome::Passed
+}

@@ -438,6 +438,8 @@ macro_rules! conformance_suite {
             bad_input_is_a_typed_error,
             requests_waiting_at_shutdown_fail_with_closed,
             malformed_foreign_message_is_dead_lettered_with_reason,
+            policy_retries_transient_failures_until_the_deadline,
+            policy_circuit_breaker_opens_half_opens_and_closes,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
