@@ -688,3 +688,49 @@ fn bad_policy_files_are_refused_with_what_is_wrong() {
     let err = Policies::from_toml_file("/nonexistent/policies.toml").expect_err("no file");
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
 }
+
+#[tokio::test]
+async fn envelopes_built_elsewhere_go_through_the_same_policies() {
+    let (server, client) = pair("policy-envelope");
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = calls.clone();
+    server
+        .handle("relay.get", move |n: u32, _ctx| {
+            let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    Err(HandlerError::new("unavailable", "busy"))
+                } else {
+                    Ok(n * 3)
+                }
+            }
+        })
+        .await
+        .expect("registers");
+    let policies = Policies::new().pattern(
+        "relay.get",
+        Policy::new().retry(Retry::attempts(2).backoff(fast_backoff())),
+    );
+    let client = Resilient::new(client, policies).expect("valid");
+    let env =
+        switchboard_core::Envelope::new("relay.get", "5").with_content_type("application/json");
+    let reply = timeout(STEP, client.send_envelope(env))
+        .await
+        .expect("bounded")
+        .expect("retried");
+    assert_eq!(&reply.payload[..], b"15");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // An error reply is an `Err`, as with `send`: here the handler could not decode it.
+    let env =
+        switchboard_core::Envelope::new("relay.get", "x").with_content_type("application/json");
+    let err = timeout(STEP, client.send_envelope(env))
+        .await
+        .expect("bounded")
+        .expect_err("codec");
+    assert_eq!(err.kind(), ErrorKind::Codec, "{err}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "not retried, and the handler never ran"
+    );
+}

@@ -26,6 +26,7 @@ mod kafka;
 mod memory;
 #[cfg(feature = "nats")]
 mod nats;
+mod policies;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 mod sb;
@@ -45,7 +46,9 @@ use crate::workload::{Counter, Counts, Figure};
 #[command(about = "switchboard benchmarks beside the raw client, as JSON lines and a ratio table")]
 struct Args {
     /// Transport to measure: memory, nats, rabbitmq, kafka, sns-sqs, grpc; or `gateway` for
-    /// `gateway_added_latency` (through the gateway against directly).
+    /// `gateway_added_latency` (through the gateway against directly); or `policies` for
+    /// `send` on memory through the full stack of resilience policies (`switchboard`)
+    /// against the plain client (`raw`).
     #[arg(long, default_value = "memory")]
     transport: String,
     /// The broker's URL (default: the local broker of the transport).
@@ -80,6 +83,7 @@ struct Args {
 fn default_url(transport: &str) -> Option<&'static str> {
     Some(match transport {
         "memory" => "memory://bench",
+        "policies" => "memory://bench-policies",
         "nats" => {
             "nats://127.0.0.1:4222?prefix=sbbench&stream=SWITCHBOARD_BENCH&dlq_stream=SWITCHBOARD_BENCH_DLQ&retention_ms=600000"
         }
@@ -99,6 +103,7 @@ fn default_url(transport: &str) -> Option<&'static str> {
 
 fn compiled(transport: &str) -> bool {
     transport == "memory"
+        || transport == "policies"
         || (transport == "nats" && cfg!(feature = "nats"))
         || (transport == "rabbitmq" && cfg!(feature = "rabbitmq"))
         || (transport == "kafka" && cfg!(feature = "kafka"))
@@ -199,6 +204,14 @@ async fn broker_run(system: &str, transport: &str, url: &str, c: &Counts) -> Vec
 }
 
 async fn run_side(system: &str, transport: &str, url: &str, run: usize, c: &Counts) -> Vec<Figure> {
+    if transport == "policies" {
+        let url = format!("{url}-{run}{system}");
+        let (counted, all) = workload::local_counter();
+        let (server, _events) = sb::serve(&url, counted, all, 0).await;
+        let figs = policies::run(system, &url, c).await;
+        server.shutdown().await.expect("shutdown");
+        return figs;
+    }
     if transport == "memory" {
         if system == "raw" {
             return memory::raw_run(c).await;
