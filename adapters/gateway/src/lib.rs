@@ -16,8 +16,13 @@
 //! - **Shutdown**: [`Gateway::shutdown`] reports `NOT_SERVING`, stops accepting calls, lets
 //!   those in progress finish, then shuts the backend client down.
 //!
+//! - **Metrics**: the binary serves Prometheus metrics on `--metrics-listen ADDR` (off by
+//!   default; [`metrics::serve_metrics`]).
+//!
 //! The gateway keeps no state beyond its open streams: run as many as needed behind a load
 //! balancer, all on the same broker.
+
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -37,6 +37,10 @@ struct Args {
     /// How long calls in progress may take to finish at shutdown, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     drain_ms: u64,
+    /// Serve Prometheus metrics on `http://ADDR/metrics` (off unless set; port 0: any free
+    /// port, printed).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Log format: text or json (filter with RUST_LOG, default info).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -56,6 +60,17 @@ async fn main() -> ExitCode {
     } else {
         logs.init();
     }
+    // Before the backend connects: its client registers its metrics with the recorder.
+    let metrics = match args.metrics_listen {
+        None => None,
+        Some(addr) => match switchboard_gateway::metrics::serve_metrics(addr).await {
+            Ok((bound, task)) => Some((bound, task)),
+            Err(e) => {
+                tracing::error!(error = %e, "metrics endpoint did not start");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let mut cfg = GatewayConfig::new(args.listen, args.backend.clone())
         .max_message_bytes(args.max_message_bytes);
     if let Some(t) = args.token.filter(|t| !t.is_empty()) {
@@ -77,6 +92,9 @@ async fn main() -> ExitCode {
     };
     // One line on stdout for whoever started the gateway with port 0.
     println!("switchboard-gateway listening on {}", gateway.local_addr());
+    if let Some((bound, _)) = &metrics {
+        println!("switchboard-gateway metrics on http://{bound}/metrics");
+    }
     stopped().await;
     tracing::info!("stopping: draining calls in progress");
     match gateway.shutdown(Duration::from_millis(args.drain_ms)).await {

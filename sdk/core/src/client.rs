@@ -13,14 +13,17 @@ use futures::Stream;
 use tokio::sync::{OnceCell, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::time::{DelayQueue, delay_queue};
+use tracing::Instrument;
 use url::Url;
 
 use crate::codec::{Decode, Encode};
 use crate::correlator::{Accept, Correlator, Sink, WaiterGuard, await_reply};
 use crate::envelope::{CorrelationId, Envelope, IdHash, header};
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::{CallMetrics, InFlight};
 use crate::serve::ServiceControl;
 use crate::stats::{Counters, Stats};
+use crate::trace::{self, call_span};
 use crate::transport::{Route, SubscribeOptions, Subscription, Transport};
 
 /// Client-wide settings.
@@ -218,6 +221,7 @@ pub(crate) struct Inner {
     pub(crate) counters: Arc<Counters>,
     pub(crate) services: Mutex<Vec<ServiceControl>>,
     max_payload: usize,
+    pub(crate) metrics: CallMetrics,
 }
 
 /// A connection to a transport, through which a service sends, emits, requests and serves.
@@ -249,6 +253,7 @@ impl Client {
     pub fn from_arc(transport: Arc<dyn Transport>, config: ClientConfig) -> Self {
         let cap = transport.capabilities().max_payload;
         let max_payload = config.max_payload.map_or(cap, |m| m.min(cap));
+        let metrics = CallMetrics::new(transport.name());
         Client {
             inner: Arc::new(Inner {
                 transport,
@@ -258,6 +263,7 @@ impl Client {
                 counters: Arc::new(Counters::default()),
                 services: Mutex::new(Vec::new()),
                 max_payload,
+                metrics,
             }),
         }
     }
@@ -437,8 +443,13 @@ impl Client {
         let mut env = self.envelope(pattern, req, opts)?;
         let (deadline, wall, timeout) = self.deadline(opts);
         env.deadline = Some(wall);
-        let reply = self.round_trip(pattern, env, deadline, timeout).await?;
-        decode_reply(reply, self.adapter())
+        let span = call_span!("send", pattern, env);
+        trace::inject(&span, &mut env.headers);
+        let reply = self
+            .round_trip(pattern, env, deadline, timeout)
+            .instrument(span)
+            .await?;
+        decode_reply(reply, self.adapter()).inspect_err(|e| self.inner.metrics.failed("send", e))
     }
 
     /// Sends a request already in envelope form (pattern, payload, content type, headers, ids
@@ -470,7 +481,11 @@ impl Client {
         }
         env.deadline = Some(wall);
         let pattern = env.pattern.clone();
-        self.round_trip(&pattern, env, deadline, timeout).await
+        let span = call_span!("send", pattern, env);
+        trace::inject(&span, &mut env.headers);
+        self.round_trip(&pattern, env, deadline, timeout)
+            .instrument(span)
+            .await
     }
 
     /// Publishes an envelope built elsewhere to `route` (an event, a request carrying its own
@@ -484,17 +499,46 @@ impl Client {
             validate_pattern(route.name())?;
         }
         self.check_size(env.payload.len())?;
-        self.inner.transport.publish(route, env).await?;
-        match route {
-            Route::Event(_) => Counters::inc(&self.inner.counters.emitted),
-            Route::Request(_) => Counters::inc(&self.inner.counters.requested),
-            Route::Reply(_) | Route::DeadLetter(_) => {}
+        let m = &self.inner.metrics;
+        let call = match route {
+            Route::Event(_) => Some(("emit", &self.inner.counters.emitted, &m.emitted)),
+            Route::Request(_) => Some(("request", &self.inner.counters.requested, &m.requested)),
+            Route::Reply(_) | Route::DeadLetter(_) => None,
+        };
+        let published = self.inner.transport.publish(route, env).await;
+        if let (Err(e), Some((call, ..))) = (&published, call) {
+            m.failed(call, e);
+        }
+        published?;
+        if let Some((_, counter, metric)) = call {
+            Counters::inc(counter);
+            metric.increment(1);
         }
         Ok(())
     }
 
-    /// The request-reply round trip of `send`, on the native requester or the correlator.
+    /// The request-reply round trip of `send`, counted and timed.
     async fn round_trip(
+        &self,
+        pattern: &str,
+        env: Envelope,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Envelope> {
+        let m = &self.inner.metrics;
+        m.sent.increment(1);
+        let _in_flight = InFlight::enter(&m.sends_in_flight);
+        let started = Instant::now();
+        let reply = self.exchange(pattern, env, deadline, timeout).await;
+        m.send_seconds.record(started.elapsed());
+        if let Err(e) = &reply {
+            m.failed("send", e);
+        }
+        reply
+    }
+
+    /// The request-reply exchange, on the native requester or the correlator.
+    async fn exchange(
         &self,
         pattern: &str,
         mut env: Envelope,
@@ -575,11 +619,16 @@ impl Client {
         if opts.timeout.is_some() {
             env.deadline = Some(self.deadline(opts).1);
         }
+        let span = call_span!("emit", pattern, env);
+        trace::inject(&span, &mut env.headers);
         self.inner
             .transport
             .publish(Route::Event(pattern), env)
-            .await?;
+            .instrument(span)
+            .await
+            .inspect_err(|e| self.inner.metrics.failed("emit", e))?;
         Counters::inc(&self.inner.counters.emitted);
+        self.inner.metrics.emitted.increment(1);
         Ok(())
     }
 
@@ -635,6 +684,8 @@ impl Client {
         let mut env = self.envelope(pattern, req, opts)?;
         let (deadline, wall, timeout) = self.deadline(opts);
         env.deadline = Some(wall);
+        let span = call_span!("request", pattern, env);
+        trace::inject(&span, &mut env.headers);
         let c = self.correlator().await?;
         let (tx, rx) = oneshot::channel();
         let id = c
@@ -647,9 +698,12 @@ impl Client {
                 Sink::Once(tx),
                 Accept::Enqueued,
             )
-            .await?;
+            .instrument(span)
+            .await
+            .inspect_err(|e| self.inner.metrics.failed("request", e))?;
         let guard = c.guard(id);
         Counters::inc(&self.inner.counters.requested);
+        self.inner.metrics.requested.increment(1);
         Ok(PendingReply {
             id,
             rx,
@@ -865,6 +919,8 @@ impl<Resp: Decode> ReplyStream<Resp> {
         let mut env = client.envelope(pattern, req, opts)?;
         let (deadline, wall, timeout) = client.deadline(opts);
         env.deadline = Some(wall);
+        let span = call_span!("request", pattern, env);
+        trace::inject(&span, &mut env.headers);
         let id = self
             .correlator
             .submit(
@@ -876,9 +932,12 @@ impl<Resp: Decode> ReplyStream<Resp> {
                 Sink::Stream(self.tx.clone()),
                 Accept::Enqueued,
             )
-            .await?;
+            .instrument(span)
+            .await
+            .inspect_err(|e| client.inner.metrics.failed("request", e))?;
         // The stream owns the waiter from here: its timer, or its drop, removes it.
         Counters::inc(&client.inner.counters.requested);
+        client.inner.metrics.requested.increment(1);
         let key = self.timers.insert_at(id, deadline);
         self.keys.insert(id, Some(key));
         Ok(id)

@@ -13,6 +13,7 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) duplicates_dropped: AtomicU64,
 }
 
 /// A snapshot of one client's counters.
@@ -39,6 +40,8 @@ pub struct Stats {
     pub retried: u64,
     /// Messages sent to a dead-letter destination.
     pub dead_lettered: u64,
+    /// Duplicates an idempotent consumer acknowledged without handling them.
+    pub duplicates_dropped: u64,
 }
 
 impl Counters {
@@ -54,6 +57,7 @@ impl Counters {
             failed: g(&self.failed),
             retried: g(&self.retried),
             dead_lettered: g(&self.dead_lettered),
+            duplicates_dropped: g(&self.duplicates_dropped),
         }
     }
 

@@ -160,8 +160,9 @@ impl Events {
         }
     }
 
-    /// Logs the event and tells every listener.
+    /// Logs the event, counts it in the metrics and tells every listener.
     pub(crate) fn emit(&self, event: PolicyEvent) {
+        record(&event);
         match &event {
             PolicyEvent::CircuitStateChanged { .. } | PolicyEvent::RetriesExhausted { .. } => {
                 tracing::info!(target: "switchboard::resilience", "{event}");
@@ -171,5 +172,37 @@ impl Events {
         for l in self.listeners.iter() {
             l(&event);
         }
+    }
+}
+
+/// The event in the metrics (listed in `switchboard_core::metrics`). Registered per event: the
+/// events are the rare path.
+fn record(event: &PolicyEvent) {
+    match event {
+        PolicyEvent::Retrying { pattern, .. } => {
+            metrics::counter!("switchboard_policy_retries_total", "pattern" => pattern.clone())
+                .increment(1);
+        }
+        PolicyEvent::Rejected { pattern, by } => {
+            metrics::counter!(
+                "switchboard_policy_rejected_total",
+                "pattern" => pattern.clone(),
+                "by" => by.as_str(),
+            )
+            .increment(1);
+        }
+        PolicyEvent::FallbackUsed { pattern, .. } => {
+            metrics::counter!("switchboard_policy_fallbacks_total", "pattern" => pattern.clone())
+                .increment(1);
+        }
+        PolicyEvent::CircuitStateChanged { pattern, to, .. } => {
+            let value = match to {
+                CircuitState::Closed => 0.0,
+                CircuitState::Open => 1.0,
+                CircuitState::HalfOpen => 2.0,
+            };
+            metrics::gauge!("switchboard_circuit_state", "pattern" => pattern.clone()).set(value);
+        }
+        PolicyEvent::RetriesExhausted { .. } => {}
     }
 }

@@ -42,6 +42,8 @@
 mod breaker;
 mod events;
 mod policy;
+#[cfg(feature = "redis")]
+mod redis_store;
 pub mod stack;
 
 use std::fmt;
@@ -57,12 +59,15 @@ use switchboard_core::{
 };
 use tokio::time::Instant;
 use tower::ServiceExt;
+use tracing::Instrument;
 
 pub use events::{CircuitState, PolicyEvent, Rejection};
 pub use policy::{
     Bulkhead, CircuitBreaker, Fallback, Listener, LoadShed, Policies, Policy, Retry, UNAVAILABLE,
     Window,
 };
+#[cfg(feature = "redis")]
+pub use redis_store::RedisIdempotencyStore;
 use stack::{Call, Stack};
 
 /// The name errors raised by the policies carry as their adapter.
@@ -191,7 +196,12 @@ impl Resilient {
             return self.inner.client.send_with(pattern, req, opts).await;
         };
         let call = self.call(&stack, pattern, req, opts)?;
-        let reply = stack.service.clone().oneshot(call).await?;
+        let reply = stack
+            .service
+            .clone()
+            .oneshot(call)
+            .instrument(call_span(pattern))
+            .await?;
         Resp::decode(reply.content_type.as_deref(), reply.payload)
     }
 
@@ -241,7 +251,13 @@ impl Resilient {
         };
         let call = self.call(&stack, pattern, req, opts)?;
         let id = CorrelationId::from(call.envelope.id);
-        let task = tokio::spawn(stack.service.clone().oneshot(call));
+        let task = tokio::spawn(
+            stack
+                .service
+                .clone()
+                .oneshot(call)
+                .instrument(call_span(pattern)),
+        );
         let mut abort = AbortOnDrop(task);
         let reply = Box::pin(async move {
             let reply = match (&mut abort.0).await {
@@ -308,8 +324,19 @@ impl Resilient {
             envelope,
             attempt: 1,
         };
-        stack.service.clone().oneshot(call).await
+        stack
+            .service
+            .clone()
+            .oneshot(call)
+            .instrument(call_span(&pattern))
+            .await
     }
+}
+
+/// The span of a call through the policies: its attempts' `send` spans are its children, so
+/// retries stay in the caller's trace.
+fn call_span(pattern: &str) -> tracing::Span {
+    tracing::info_span!(target: "switchboard", "call", pattern = %pattern, otel.kind = "internal")
 }
 
 /// What a bulkhead holds at one moment.
