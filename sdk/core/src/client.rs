@@ -323,9 +323,9 @@ impl Client {
 
     /// The request envelope `send_with` would send: the pattern checked, the body encoded and
     /// its size checked, the options applied (key, headers, parent) and the deadline set (the
-    /// call's timeout, or the client's, from now, bounded by the parent's deadline). For
-    /// layers that send through [`Client::send_envelope`] themselves, such as the resilience
-    /// policies.
+    /// call's timeout, else `default_timeout`, else the client's, from now, bounded by the
+    /// parent's deadline); with that deadline as an [`Instant`]. For layers that send through
+    /// [`Client::send_envelope`] themselves, such as the resilience policies.
     ///
     /// # Errors
     /// `InvalidConfig` for a malformed pattern, `Codec`, `PayloadTooLarge`.
@@ -334,10 +334,16 @@ impl Client {
         pattern: &str,
         body: &T,
         opts: &CallOptions,
-    ) -> Result<Envelope> {
+        default_timeout: Option<Duration>,
+    ) -> Result<(Envelope, Instant)> {
         let mut env = self.envelope(pattern, body, opts)?;
-        env.deadline = Some(self.deadline(opts).1);
-        Ok(env)
+        let timeout = opts
+            .timeout
+            .or(default_timeout)
+            .unwrap_or(self.inner.config.timeout);
+        let (deadline, wall, _) = self.deadline_after(timeout, opts);
+        env.deadline = Some(wall);
+        Ok((env, deadline))
     }
 
     fn check_size(&self, len: usize) -> Result<()> {
@@ -356,18 +362,24 @@ impl Client {
 
     /// The deadline of a call: now + timeout, bounded by the parent's deadline.
     fn deadline(&self, opts: &CallOptions) -> (Instant, SystemTime, Duration) {
-        let mut timeout = opts.timeout.unwrap_or(self.inner.config.timeout);
-        if let Some(parent_left) = opts.parent.as_ref().and_then(|p| p.deadline).map(|d| {
-            d.duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
-        }) {
-            timeout = timeout.min(parent_left);
+        self.deadline_after(opts.timeout.unwrap_or(self.inner.config.timeout), opts)
+    }
+
+    /// Now + `timeout`, bounded by the parent's deadline, each clock read once.
+    fn deadline_after(
+        &self,
+        mut timeout: Duration,
+        opts: &CallOptions,
+    ) -> (Instant, SystemTime, Duration) {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        if let Some(parent_deadline) = opts.parent.as_ref().and_then(|p| p.deadline) {
+            timeout = timeout.min(
+                parent_deadline
+                    .duration_since(wall)
+                    .unwrap_or(Duration::ZERO),
+            );
         }
-        (
-            Instant::now() + timeout,
-            SystemTime::now() + timeout,
-            timeout,
-        )
+        (now + timeout, wall + timeout, timeout)
     }
 
     async fn correlator(&self) -> Result<&Arc<Correlator>> {
@@ -468,16 +480,12 @@ impl Client {
     ) -> Result<Envelope> {
         validate_pattern(&env.pattern)?;
         self.check_size(env.payload.len())?;
-        let opts = CallOptions {
-            timeout,
-            ..CallOptions::default()
-        };
-        let (mut deadline, mut wall, mut timeout) = self.deadline(&opts);
+        let timeout = timeout.unwrap_or(self.inner.config.timeout);
+        let (now, now_wall) = (Instant::now(), SystemTime::now());
+        let (mut deadline, mut wall, mut timeout) = (now + timeout, now_wall + timeout, timeout);
         if let Some(own) = env.deadline.filter(|own| *own < wall) {
-            let left = own
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            (deadline, wall, timeout) = (Instant::now() + left, own, left);
+            let left = own.duration_since(now_wall).unwrap_or(Duration::ZERO);
+            (deadline, wall, timeout) = (now + left, own, left);
         }
         env.deadline = Some(wall);
         let pattern = env.pattern.clone();
@@ -560,14 +568,19 @@ impl Client {
                 })?
             }
             None => {
-                let c = self.correlator().await?;
-                c.call(
-                    self.inner.transport.as_ref(),
-                    pattern,
-                    env,
-                    deadline,
-                    timeout,
-                )
+                // Boxed: the correlator's future is large, and inline it would make every
+                // call's future as large, to be copied as calls move, on every transport.
+                Box::pin(async {
+                    let c = self.correlator().await?;
+                    c.call(
+                        self.inner.transport.as_ref(),
+                        pattern,
+                        env,
+                        deadline,
+                        timeout,
+                    )
+                    .await
+                })
                 .await?
             }
         };

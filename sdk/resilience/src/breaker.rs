@@ -1,4 +1,4 @@
-//! The circuit breaker, as a tower service.
+//! The circuit breaker.
 //!
 //! Written here rather than taken from a crate. The tower breaker at hand
 //! (`tower-resilience-circuitbreaker` 0.14) was tried first and set aside: its count window is
@@ -11,18 +11,14 @@
 //! is dropped before it ends.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use switchboard_core::{Envelope, Error, ErrorKind, Result};
 use tokio::time::Instant;
-use tower::Service;
 
-use crate::NAME;
-use crate::events::{CircuitState, Events, PolicyEvent, Rejection};
-use crate::policy::{self, CircuitBreaker, Window};
+use crate::events::{CircuitState, Events, PolicyEvent};
+use crate::policy::{CircuitBreaker, Window};
 
 /// The outcomes a breaker's failure rate is computed over.
 enum Outcomes {
@@ -136,6 +132,9 @@ struct State {
 pub(crate) struct Breaker {
     config: CircuitBreaker,
     state: Mutex<State>,
+    /// The epoch while the circuit is closed, [`NOT_CLOSED`] otherwise: a closed circuit
+    /// admits without the lock.
+    closed_epoch: AtomicU64,
     pattern: Arc<str>,
     events: Events,
 }
@@ -151,6 +150,7 @@ impl Breaker {
                 probes: 0,
                 probe_successes: 0,
             }),
+            closed_epoch: AtomicU64::new(0),
             config,
             pattern,
             events,
@@ -168,11 +168,22 @@ impl Breaker {
     }
 
     /// Lets a call through, or not.
-    fn admit(self: &Arc<Self>) -> Option<Admission> {
+    pub(crate) fn admit(&self) -> Option<Admission<'_>> {
+        let epoch = self.closed_epoch.load(Ordering::Acquire);
+        if epoch != NOT_CLOSED {
+            // A transition after this load makes the admission stale: its outcome will not
+            // count, as for any call admitted just before a transition.
+            return Some(Admission {
+                breaker: self,
+                epoch,
+                probe: false,
+                settled: false,
+            });
+        }
         let mut s = self.lock();
         let mut changed = None;
         if s.state == CircuitState::Open && s.opened_at.elapsed() >= self.config.open_for {
-            changed = Some(transition(&mut s, CircuitState::HalfOpen));
+            changed = Some(self.transition(&mut s, CircuitState::HalfOpen));
         }
         let admitted = match s.state {
             CircuitState::Closed => Some(false),
@@ -186,7 +197,7 @@ impl Breaker {
         drop(s);
         self.announce(changed);
         admitted.map(|probe| Admission {
-            breaker: self.clone(),
+            breaker: self,
             epoch,
             probe,
             settled: false,
@@ -194,26 +205,30 @@ impl Breaker {
     }
 
     /// Records the outcome of an admitted call.
-    fn record(&self, admission: &mut Admission, failure: bool) {
+    fn record(&self, admission: &mut Admission<'_>, failure: bool) {
         admission.settled = true;
         let mut s = self.lock();
         if s.epoch != admission.epoch {
             return;
         }
-        let now = Instant::now();
+        // Only a time window reads the clock; a count window ignores `now`.
+        let now = match s.outcomes {
+            Outcomes::Time { .. } => Instant::now(),
+            Outcomes::Calls { .. } => s.opened_at,
+        };
         let changed = match s.state {
             CircuitState::Closed => {
                 s.outcomes.push(failure, now);
                 let (calls, failures) = s.outcomes.totals(now);
                 let rate = failures as f64 / calls.max(1) as f64;
                 (calls >= self.config.minimum_calls as u64 && rate >= self.config.failure_rate)
-                    .then(|| transition(&mut s, CircuitState::Open))
+                    .then(|| self.transition(&mut s, CircuitState::Open))
             }
-            CircuitState::HalfOpen if failure => Some(transition(&mut s, CircuitState::Open)),
+            CircuitState::HalfOpen if failure => Some(self.transition(&mut s, CircuitState::Open)),
             CircuitState::HalfOpen => {
                 s.probe_successes += 1;
                 (s.probe_successes >= self.config.half_open_calls)
-                    .then(|| transition(&mut s, CircuitState::Closed))
+                    .then(|| self.transition(&mut s, CircuitState::Closed))
             }
             CircuitState::Open => None,
         };
@@ -222,7 +237,7 @@ impl Breaker {
     }
 
     /// A probe dropped before its outcome gives its place back.
-    fn abandon(&self, admission: &Admission) {
+    fn abandon(&self, admission: &Admission<'_>) {
         let mut s = self.lock();
         if admission.probe && s.epoch == admission.epoch && s.probes > 0 {
             s.probes -= 1;
@@ -241,80 +256,51 @@ impl Breaker {
     }
 }
 
-/// Moves to `to`; returns the transition.
-fn transition(s: &mut State, to: CircuitState) -> (CircuitState, CircuitState) {
-    let from = std::mem::replace(&mut s.state, to);
-    s.epoch += 1;
-    s.probes = 0;
-    s.probe_successes = 0;
-    s.outcomes.clear();
-    if to == CircuitState::Open {
-        s.opened_at = Instant::now();
+const NOT_CLOSED: u64 = u64::MAX;
+
+impl Breaker {
+    /// Moves to `to`, under the lock; returns the transition.
+    fn transition(&self, s: &mut State, to: CircuitState) -> (CircuitState, CircuitState) {
+        let from = std::mem::replace(&mut s.state, to);
+        s.epoch += 1;
+        s.probes = 0;
+        s.probe_successes = 0;
+        s.outcomes.clear();
+        if to == CircuitState::Open {
+            s.opened_at = Instant::now();
+        }
+        let closed_epoch = if to == CircuitState::Closed {
+            s.epoch
+        } else {
+            NOT_CLOSED
+        };
+        self.closed_epoch.store(closed_epoch, Ordering::Release);
+        (from, to)
     }
-    (from, to)
 }
 
 /// A call let through; its outcome is recorded once, or the admission given back if the call
 /// is dropped first.
-struct Admission {
-    breaker: Arc<Breaker>,
+pub(crate) struct Admission<'a> {
+    breaker: &'a Breaker,
     epoch: u64,
     probe: bool,
     settled: bool,
 }
 
-impl Drop for Admission {
+impl Admission<'_> {
+    /// Records the call's outcome.
+    pub(crate) fn record(&mut self, failure: bool) {
+        let breaker = self.breaker;
+        breaker.record(self, failure);
+    }
+}
+
+impl Drop for Admission<'_> {
     fn drop(&mut self) {
         if !self.settled {
             self.breaker.abandon(self);
         }
-    }
-}
-
-/// The breaker around one attempt.
-#[derive(Clone)]
-pub(crate) struct BreakerService<S> {
-    pub(crate) inner: S,
-    pub(crate) breaker: Arc<Breaker>,
-    pub(crate) codes: Arc<[String]>,
-}
-
-impl<S, Req> Service<Req> for BreakerService<S>
-where
-    S: Service<Req, Response = Envelope, Error = Error>,
-    S::Future: Send + 'static,
-{
-    type Response = Envelope;
-    type Error = Error;
-    type Future = BoxFuture<'static, Result<Envelope>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let Some(mut admission) = self.breaker.admit() else {
-            let b = &self.breaker;
-            b.events.emit(PolicyEvent::Rejected {
-                pattern: b.pattern.to_string(),
-                by: Rejection::CircuitOpen,
-            });
-            let err = Error::new(
-                ErrorKind::CircuitOpen,
-                NAME,
-                format!("the circuit breaker of `{}` is open", b.pattern),
-            );
-            return Box::pin(std::future::ready(Err(err)));
-        };
-        let outcome = self.inner.call(req);
-        let codes = self.codes.clone();
-        Box::pin(async move {
-            let out = outcome.await;
-            let failure = out.as_ref().is_err_and(|e| policy::is_transient(e, &codes));
-            let breaker = admission.breaker.clone();
-            breaker.record(&mut admission, failure);
-            out
-        })
     }
 }
 
@@ -331,8 +317,7 @@ mod tests {
     }
 
     fn call(b: &Arc<Breaker>, failure: bool) {
-        let mut a = b.admit().expect("admitted");
-        b.record(&mut a, failure);
+        b.admit().expect("admitted").record(failure);
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! Caller-side policies around `send` and `request`, the same on every transport (they sit
 //! above the transport SPI): a timeout that becomes the message's deadline, retries with
 //! exponential backoff and jitter (transient errors only, never past the deadline), a circuit
-//! breaker, a bulkhead, load shedding and a fallback. Each is a tower service; a pattern's
-//! policies are stacked (see [`stack`] for the order) and built once per pattern.
+//! breaker, a bulkhead, load shedding and a fallback. A pattern's policies are built once, on
+//! its first call, and run in a fixed order: fallback, load shedding, bulkhead, retry, circuit
+//! breaker, attempt. [`Resilient`] is also a `tower::Service<Envelope>`, for code that composes
+//! tower layers of its own around it.
 //!
 //! Set them in code or read them from a TOML file ([`Policies::from_toml`]); wrap a client in
 //! [`Resilient`] and call it as the client. Re-exported by `switchboard` as
@@ -44,21 +46,20 @@ mod events;
 mod policy;
 #[cfg(feature = "redis")]
 mod redis_store;
-pub mod stack;
+mod stack;
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use switchboard_core::{
     CallOptions, Client, CorrelationId, Decode, Encode, Envelope, Error, ErrorKind, Result,
 };
 use tokio::time::Instant;
-use tower::ServiceExt;
 use tracing::Instrument;
 
 pub use events::{CircuitState, PolicyEvent, Rejection};
@@ -147,12 +148,12 @@ impl Resilient {
         let built = if policy.is_empty() {
             None
         } else {
-            Some(Arc::new(stack::build(
+            Some(Arc::new(Stack::build(
                 &self.inner.client,
                 pattern,
                 &policy,
                 &self.inner.events,
-            )?))
+            )))
         };
         Ok(self
             .inner
@@ -193,15 +194,13 @@ impl Resilient {
         Resp: Decode,
     {
         let Some(stack) = self.stack(pattern)? else {
-            return self.inner.client.send_with(pattern, req, opts).await;
+            // Boxed, as the policies box their attempts: the client's future is some
+            // kilobytes, and held inline it would make this one as large, to be copied as it
+            // moves.
+            return Box::pin(self.inner.client.send_with(pattern, req, opts)).await;
         };
         let call = self.call(&stack, pattern, req, opts)?;
-        let reply = stack
-            .service
-            .clone()
-            .oneshot(call)
-            .instrument(call_span(pattern))
-            .await?;
+        let reply = stack.call(call).instrument(call_span(pattern)).await?;
         Resp::decode(reply.content_type.as_deref(), reply.payload)
     }
 
@@ -251,13 +250,8 @@ impl Resilient {
         };
         let call = self.call(&stack, pattern, req, opts)?;
         let id = CorrelationId::from(call.envelope.id);
-        let task = tokio::spawn(
-            stack
-                .service
-                .clone()
-                .oneshot(call)
-                .instrument(call_span(pattern)),
-        );
+        let task =
+            tokio::spawn(async move { stack.call(call).await }.instrument(call_span(pattern)));
         let mut abort = AbortOnDrop(task);
         let reply = Box::pin(async move {
             let reply = match (&mut abort.0).await {
@@ -286,19 +280,13 @@ impl Resilient {
         req: &Req,
         opts: &CallOptions,
     ) -> Result<Call> {
-        let client = &self.inner.client;
-        let envelope = match stack.timeout.filter(|_| opts.timeout.is_none()) {
-            Some(t) => client.request_envelope(pattern, req, &opts.clone().timeout(t))?,
-            None => client.request_envelope(pattern, req, opts)?,
-        };
-        let left = envelope
-            .deadline
-            .and_then(|d| d.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::ZERO);
+        let (envelope, deadline) =
+            self.inner
+                .client
+                .request_envelope(pattern, req, opts, stack.timeout)?;
         Ok(Call {
-            envelope,
-            deadline: Instant::now() + left,
-            attempt: 1,
+            envelope: Box::new(envelope),
+            deadline,
         })
     }
 
@@ -309,27 +297,39 @@ impl Resilient {
     /// As [`Resilient::send`].
     pub async fn send_envelope(&self, envelope: Envelope) -> Result<Envelope> {
         let pattern = envelope.pattern.clone();
+        let client = &self.inner.client;
         let Some(stack) = self.stack(&pattern)? else {
-            return stack::Attempt::new(self.inner.client.clone(), None)
-                .oneshot(Call {
-                    deadline: deadline_of(&envelope, self.inner.client.config().timeout),
-                    envelope,
-                    attempt: 1,
-                })
-                .await;
+            let left = envelope
+                .time_left()
+                .map_or(client.config().timeout, |left| {
+                    left.min(client.config().timeout)
+                });
+            return Box::pin(stack::attempt_once(client, envelope, left)).await;
         };
-        let timeout = stack.timeout.unwrap_or(self.inner.client.config().timeout);
+        let timeout = stack.timeout.unwrap_or(client.config().timeout);
         let call = Call {
             deadline: deadline_of(&envelope, timeout),
-            envelope,
-            attempt: 1,
+            envelope: Box::new(envelope),
         };
-        stack
-            .service
-            .clone()
-            .oneshot(call)
-            .instrument(call_span(&pattern))
-            .await
+        stack.call(call).instrument(call_span(&pattern)).await
+    }
+}
+
+/// As a tower service, a `Resilient` takes request envelopes and answers with reply
+/// envelopes, as [`Resilient::send_envelope`] does: for code that composes tower layers of its
+/// own (rate limits, metrics) around the policies.
+impl tower::Service<Envelope> for Resilient {
+    type Response = Envelope;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Envelope>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, envelope: Envelope) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.send_envelope(envelope).await })
     }
 }
 

@@ -343,7 +343,7 @@ impl Bulkhead {
 }
 
 /// Load shedding: with `max_in_flight` calls of the pattern in flight, the next fails at once
-/// with `ErrorKind::Overloaded` (tower's `LoadShed` over its `ConcurrencyLimit`).
+/// with `ErrorKind::Overloaded`, without waiting.
 #[non_exhaustive]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadShed {

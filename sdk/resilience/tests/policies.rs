@@ -734,3 +734,38 @@ async fn envelopes_built_elsewhere_go_through_the_same_policies() {
         "not retried, and the handler never ran"
     );
 }
+
+#[tokio::test]
+async fn as_a_tower_service_the_policies_still_apply() {
+    use tower::{Service, ServiceExt};
+
+    let (server, client) = pair("policy-tower");
+    let failing = Arc::new(AtomicBool::new(true));
+    let calls = flaky(&server, "stock.get", failing.clone()).await;
+    let policies = Policies::new().pattern(
+        "stock.get",
+        Policy::new()
+            .retry(Retry::attempts(2).backoff(fast_backoff()))
+            .fallback(Fallback::value(&0u32).expect("encodes")),
+    );
+    let resilient = Resilient::new(client, policies).expect("valid");
+    // Composed with a tower layer of the caller's own: the reply's payload, as text.
+    let mut service =
+        tower::util::MapResponse::new(resilient, |reply: switchboard_core::Envelope| {
+            String::from_utf8_lossy(&reply.payload).into_owned()
+        });
+    let request =
+        || switchboard_core::Envelope::new("stock.get", "41").with_content_type("application/json");
+    let answer = timeout(STEP, service.ready().await.expect("ready").call(request()))
+        .await
+        .expect("bounded")
+        .expect("the fallback answers");
+    assert_eq!(answer, "0", "both attempts failed; the fallback answered");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "retried once");
+    failing.store(false, Ordering::SeqCst);
+    let answer = timeout(STEP, service.oneshot(request()))
+        .await
+        .expect("bounded")
+        .expect("answered");
+    assert_eq!(answer, "42");
+}
