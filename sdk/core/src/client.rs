@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::{CallMetrics, InFlight};
 use crate::serve::ServiceControl;
 use crate::stats::{Counters, Stats};
-use crate::trace::{self, call_span};
+use crate::trace::{self, call_span, traced};
 use crate::transport::{Route, SubscribeOptions, Subscription, Transport};
 
 /// Client-wide settings.
@@ -457,10 +457,7 @@ impl Client {
         env.deadline = Some(wall);
         let span = call_span!("send", pattern, env);
         trace::inject(&span, &mut env.headers);
-        let reply = self
-            .round_trip(pattern, env, deadline, timeout)
-            .instrument(span)
-            .await?;
+        let reply = traced!(self.round_trip(pattern, env, deadline, timeout), span)?;
         decode_reply(reply, self.adapter()).inspect_err(|e| self.inner.metrics.failed("send", e))
     }
 
@@ -491,9 +488,7 @@ impl Client {
         let pattern = env.pattern.clone();
         let span = call_span!("send", pattern, env);
         trace::inject(&span, &mut env.headers);
-        self.round_trip(&pattern, env, deadline, timeout)
-            .instrument(span)
-            .await
+        traced!(self.round_trip(&pattern, env, deadline, timeout), span)
     }
 
     /// Publishes an envelope built elsewhere to `route` (an event, a request carrying its own

@@ -71,6 +71,10 @@ pub use policy::{
 pub use redis_store::RedisIdempotencyStore;
 use stack::{Call, Stack};
 
+/// The options of a call made without any.
+static NO_OPTIONS: std::sync::LazyLock<CallOptions> =
+    std::sync::LazyLock::new(CallOptions::default);
+
 /// The name errors raised by the policies carry as their adapter.
 pub const NAME: &str = "policy";
 
@@ -85,8 +89,10 @@ struct Inner {
     client: Client,
     policies: Policies,
     events: events::Events,
-    /// Each pattern's policies, built on its first call.
-    stacks: DashMap<String, Option<Arc<Stack>>>,
+    /// Each pattern's policies, built on its first call. Looked up on every call: hashed
+    /// with foldhash rather than SipHash (pattern names are not attacker-chosen keys here;
+    /// they come from the caller's own code).
+    stacks: DashMap<String, Option<Arc<Stack>>, foldhash::fast::RandomState>,
 }
 
 impl fmt::Debug for Resilient {
@@ -111,7 +117,7 @@ impl Resilient {
                 client,
                 policies,
                 events,
-                stacks: DashMap::new(),
+                stacks: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             }),
         })
     }
@@ -170,12 +176,18 @@ impl Resilient {
     /// `CircuitOpen` when the breaker is open, `Timeout` when the call's deadline passed
     /// (waiting for a place included). After retries, the last attempt's error. With a
     /// fallback, only errors that are not transient.
-    pub async fn send<Req, Resp>(&self, pattern: &str, req: &Req) -> Result<Resp>
+    pub fn send<'a, Req, Resp>(
+        &'a self,
+        pattern: &'a str,
+        req: &'a Req,
+    ) -> impl Future<Output = Result<Resp>> + 'a
     where
         Req: Encode + Sync + ?Sized,
-        Resp: Decode,
+        Resp: Decode + 'a,
     {
-        self.send_with(pattern, req, &CallOptions::default()).await
+        // `send_with`'s future itself, not one around it: each async level copies the
+        // future it awaits as it starts.
+        self.send_with(pattern, req, &NO_OPTIONS)
     }
 
     /// [`Resilient::send`] with per-call options. The call's own timeout, if set, wins over
@@ -200,7 +212,14 @@ impl Resilient {
             return Box::pin(self.inner.client.send_with(pattern, req, opts)).await;
         };
         let call = self.call(&stack, pattern, req, opts)?;
-        let reply = stack.call(call).instrument(call_span(pattern)).await?;
+        let span = call_span(pattern);
+        // Bare when no subscriber wants the span: wrapping moves the call's future, which
+        // costs (see `switchboard_core`'s `traced!`).
+        let reply = if span.is_disabled() {
+            stack.call(call).await?
+        } else {
+            stack.call(call).instrument(span).await?
+        };
         Resp::decode(reply.content_type.as_deref(), reply.payload)
     }
 
@@ -284,10 +303,7 @@ impl Resilient {
             self.inner
                 .client
                 .request_envelope(pattern, req, opts, stack.timeout)?;
-        Ok(Call {
-            envelope: Box::new(envelope),
-            deadline,
-        })
+        Ok(Call { envelope, deadline })
     }
 
     /// Sends an envelope built elsewhere through its pattern's policies, as
@@ -309,9 +325,14 @@ impl Resilient {
         let timeout = stack.timeout.unwrap_or(client.config().timeout);
         let call = Call {
             deadline: deadline_of(&envelope, timeout),
-            envelope: Box::new(envelope),
+            envelope,
         };
-        stack.call(call).instrument(call_span(&pattern)).await
+        let span = call_span(&pattern);
+        if span.is_disabled() {
+            stack.call(call).await
+        } else {
+            stack.call(call).instrument(span).await
+        }
     }
 }
 
