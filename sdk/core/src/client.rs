@@ -564,7 +564,9 @@ impl Client {
             }
             None => {
                 // Boxed: the correlator's future is large, and inline it would make every
-                // call's future as large, to be copied as calls move, on every transport.
+                // call's future as large, to be copied as calls move, on every transport. The
+                // price is one allocation per call on the transports that take this path,
+                // beside a round trip over a broker.
                 Box::pin(async {
                     let c = self.correlator().await?;
                     c.call(
