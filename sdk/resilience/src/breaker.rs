@@ -6,9 +6,10 @@
 //! hides a later outage: after 10,000 successes, 10,000 failures in a row are needed to reach
 //! 50 %), its time window keeps one record per call (a million records for ten seconds at
 //! 100,000 calls a second), and it takes two async locks per call. This one keeps a rolling
-//! window of fixed size (the last N outcomes as a ring, or ten time buckets), one short
-//! synchronous lock per admission and per outcome, and gives a probe's place back if its call
-//! is dropped before it ends.
+//! window of fixed size (the last N outcomes as a ring, or ten time buckets), admits calls
+//! to a closed circuit without a lock (an atomic holds the closed state's epoch), takes one
+//! short synchronous lock per outcome (and per admission while open or half-open), and gives
+//! a probe's place back if its call is dropped before it ends.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +56,9 @@ impl Outcomes {
         }
     }
 
-    fn push(&mut self, failure: bool, now: Instant) {
+    /// Adds an outcome; returns the calls and failures now in the window. Only a time window
+    /// reads the clock.
+    fn add(&mut self, failure: bool) -> (u64, u64) {
         match self {
             Outcomes::Calls {
                 ring,
@@ -67,33 +70,20 @@ impl Outcomes {
                 }
                 ring.push_back(failure);
                 *failures += usize::from(failure);
+                (ring.len() as u64, *failures as u64)
             }
             Outcomes::Time {
                 bucket,
                 start,
                 buckets,
             } => {
-                let n = bucket_number(*start, *bucket, now);
+                let n = bucket_number(*start, *bucket, Instant::now());
                 let b = &mut buckets[(n % BUCKETS as u64) as usize];
                 if b.0 != n {
                     *b = (n, 0, 0);
                 }
                 b.1 += 1;
                 b.2 += u64::from(failure);
-            }
-        }
-    }
-
-    /// Calls and failures in the window.
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        match self {
-            Outcomes::Calls { ring, failures, .. } => (ring.len() as u64, *failures as u64),
-            Outcomes::Time {
-                bucket,
-                start,
-                buckets,
-            } => {
-                let n = bucket_number(*start, *bucket, now);
                 buckets
                     .iter()
                     .filter(|b| b.0 != u64::MAX && b.0 + (BUCKETS as u64) > n)
@@ -211,15 +201,9 @@ impl Breaker {
         if s.epoch != admission.epoch {
             return;
         }
-        // Only a time window reads the clock; a count window ignores `now`.
-        let now = match s.outcomes {
-            Outcomes::Time { .. } => Instant::now(),
-            Outcomes::Calls { .. } => s.opened_at,
-        };
         let changed = match s.state {
             CircuitState::Closed => {
-                s.outcomes.push(failure, now);
-                let (calls, failures) = s.outcomes.totals(now);
+                let (calls, failures) = s.outcomes.add(failure);
                 let rate = failures as f64 / calls.max(1) as f64;
                 (calls >= self.config.minimum_calls as u64 && rate >= self.config.failure_rate)
                     .then(|| self.transition(&mut s, CircuitState::Open))

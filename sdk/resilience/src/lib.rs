@@ -71,6 +71,19 @@ pub use policy::{
 pub use redis_store::RedisIdempotencyStore;
 use stack::{Call, Stack};
 
+/// Awaits a call's future in its `call` span; bare when no subscriber wants the span, since
+/// wrapping moves the future, which costs (as core's `traced!` says).
+macro_rules! in_call_span {
+    ($fut:expr, $pattern:expr) => {{
+        let span = call_span($pattern);
+        if span.is_disabled() {
+            $fut.await
+        } else {
+            $fut.instrument(span).await
+        }
+    }};
+}
+
 /// The options of a call made without any.
 static NO_OPTIONS: std::sync::LazyLock<CallOptions> =
     std::sync::LazyLock::new(CallOptions::default);
@@ -206,20 +219,12 @@ impl Resilient {
         Resp: Decode,
     {
         let Some(stack) = self.stack(pattern)? else {
-            // Boxed, as the policies box their attempts: the client's future is some
-            // kilobytes, and held inline it would make this one as large, to be copied as it
-            // moves.
+            // Boxed: the client's future is some kilobytes, and held inline it would make
+            // this one as large for patterns with policies too, to be copied as it moves.
             return Box::pin(self.inner.client.send_with(pattern, req, opts)).await;
         };
         let call = self.call(&stack, pattern, req, opts)?;
-        let span = call_span(pattern);
-        // Bare when no subscriber wants the span: wrapping moves the call's future, which
-        // costs (see `switchboard_core`'s `traced!`).
-        let reply = if span.is_disabled() {
-            stack.call(call).await?
-        } else {
-            stack.call(call).instrument(span).await?
-        };
+        let reply = in_call_span!(stack.call(call), pattern)?;
         Resp::decode(reply.content_type.as_deref(), reply.payload)
     }
 
@@ -315,11 +320,7 @@ impl Resilient {
         let pattern = envelope.pattern.clone();
         let client = &self.inner.client;
         let Some(stack) = self.stack(&pattern)? else {
-            let left = envelope
-                .time_left()
-                .map_or(client.config().timeout, |left| {
-                    left.min(client.config().timeout)
-                });
+            let left = time_left(&envelope, client.config().timeout);
             return Box::pin(stack::attempt_once(client, envelope, left)).await;
         };
         let timeout = stack.timeout.unwrap_or(client.config().timeout);
@@ -327,12 +328,7 @@ impl Resilient {
             deadline: deadline_of(&envelope, timeout),
             envelope,
         };
-        let span = call_span(&pattern);
-        if span.is_disabled() {
-            stack.call(call).await
-        } else {
-            stack.call(call).instrument(span).await
-        }
+        in_call_span!(stack.call(call), &pattern)
     }
 }
 
@@ -372,10 +368,14 @@ pub struct BulkheadUsage {
 
 /// The earlier of the envelope's deadline and `timeout` from now.
 fn deadline_of(envelope: &Envelope, timeout: Duration) -> Instant {
-    let own = envelope
+    Instant::now() + time_left(envelope, timeout)
+}
+
+/// The earlier of the envelope's time left and `timeout`.
+fn time_left(envelope: &Envelope, timeout: Duration) -> Duration {
+    envelope
         .time_left()
-        .map_or(timeout, |left| left.min(timeout));
-    Instant::now() + own
+        .map_or(timeout, |left| left.min(timeout))
 }
 
 /// Aborts the call's task when the handle is dropped.
