@@ -271,6 +271,12 @@ impl Stack {
                 error: e.to_string(),
             });
             tokio::time::sleep_until(at).await;
+            // The timer may wake late: a retry that would start with no time left ends the
+            // call with the service's last error, not with a timeout of its own making.
+            if Instant::now() >= deadline {
+                self.exhausted(attempt, "the deadline passed while waiting to retry");
+                return self.fall_back(e, request_id);
+            }
             attempt += 1;
             envelope.id = MessageId::new();
         }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use switchboard_core::memory::{MemoryConfig, MemoryTransport};
 use switchboard_core::{Backoff, Client, ClientConfig, ErrorKind, HandlerError};
 use switchboard_resilience::{
-    Bulkhead, CircuitBreaker, CircuitState, Fallback, LoadShed, Policies, Policy, PolicyEvent,
-    Rejection, Resilient, Retry, Window,
+    Bulkhead, CircuitBreaker, CircuitState, Fallback, LoadShed, NAME, Policies, Policy,
+    PolicyEvent, Rejection, Resilient, Retry, Window,
 };
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, timeout};
@@ -150,9 +150,19 @@ async fn retries_stop_at_the_deadline() {
         .expect("bounded")
         .expect_err("always unavailable");
     let took = started.elapsed();
-    assert_eq!(err.code(), "unavailable", "{err}");
+    // The service's own error; or, when the last retry started close to the deadline on a
+    // loaded machine, that attempt's timeout from the transport. Never a timeout the policy
+    // made up for an attempt it did not start.
+    let last_attempt_ran_out = err.kind() == ErrorKind::Timeout && err.adapter() != NAME;
     assert!(
-        took < Duration::from_millis(300),
+        err.code() == "unavailable" || last_attempt_ran_out,
+        "{err} ({})",
+        err.adapter()
+    );
+    // Ends at the deadline, give or take the timer's tick and the scheduler: not after a
+    // thousand attempts' backoff.
+    assert!(
+        took < Duration::from_millis(300 + 50),
         "ended at the deadline: {took:?}"
     );
     let attempts = calls.load(Ordering::SeqCst);
