@@ -1888,7 +1888,9 @@ pub async fn policy_circuit_breaker_opens_half_opens_and_closes(h: Harness) -> O
         .await
         .expect_err("open");
     assert_eq!(err.kind(), ErrorKind::CircuitOpen, "{err}");
-    assert!(started.elapsed() < Duration::from_millis(50));
+    // At once, well inside the 500 ms the circuit stays open (the calls count below shows the
+    // service was not called); the bound leaves room for a loaded machine's scheduler.
+    assert!(started.elapsed() < open_for / 2, "{:?}", started.elapsed());
     assert_eq!(
         calls.load(Ordering::SeqCst),
         4,
