@@ -180,6 +180,49 @@ async fn retries_stop_at_the_deadline() {
     );
 }
 
+/// The backoff's timer wakes on the tick after its instant: a retry that was due before the
+/// deadline can wake after it. The call then ends with the service's last error, not with a
+/// timeout for an attempt that never started. Paused time makes this exact: the backoffs are
+/// under half a millisecond (each wakes on the next tick, one attempt per millisecond) and the
+/// deadline falls half-way between two ticks.
+#[tokio::test(start_paused = true)]
+async fn a_retry_whose_timer_wakes_past_the_deadline_ends_with_the_last_error() {
+    let (server, client) = pair("policy-late-timer");
+    let calls = flaky(&server, "quotes.get", Arc::new(AtomicBool::new(true))).await;
+    let heard = Heard::default();
+    let policies =
+        heard.listen(Policies::new().pattern(
+            "quotes.get",
+            Policy::new().timeout(Duration::from_micros(10_500)).retry(
+                Retry::attempts(1_000).backoff(Backoff::exponential(
+                    Duration::from_micros(300),
+                    Duration::from_micros(300),
+                )),
+            ),
+        ));
+    let client = Resilient::new(client, policies).expect("valid");
+    let err = timeout(STEP, client.send::<_, u32>("quotes.get", &1u32))
+        .await
+        .expect("bounded")
+        .expect_err("always unavailable");
+    assert_eq!(
+        (err.kind(), err.code()),
+        (ErrorKind::Handler, "unavailable"),
+        "{err}"
+    );
+    let attempts = calls.load(Ordering::SeqCst);
+    assert!((10..=12).contains(&attempts), "{attempts} attempts");
+    assert!(
+        heard.all().iter().any(|e| matches!(
+            e,
+            PolicyEvent::RetriesExhausted { reason, .. }
+                if *reason == "the deadline passed while waiting to retry"
+        )),
+        "{:?}",
+        heard.all()
+    );
+}
+
 #[tokio::test]
 async fn a_slow_attempt_is_cut_at_the_attempt_timeout_and_retried() {
     let (server, client) = pair("policy-attempt-timeout");
