@@ -768,6 +768,12 @@ pub async fn panicking_handler_is_retried_then_dead_lettered_with_reason(h: Harn
         good.load(Ordering::SeqCst) == 1
     })
     .await;
+    // Counted once the broker has confirmed the dead letter, which can come after the dead
+    // letter reached its reader.
+    eventually(STEP, "the dead letter is counted", || {
+        server.stats().dead_lettered >= 1
+    })
+    .await;
     assert_eq!(server.stats().dead_lettered, 1);
     within("shutdown", server.shutdown())
         .await

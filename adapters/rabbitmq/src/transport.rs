@@ -39,6 +39,13 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 const RETURN_POLL: Duration = Duration::from_millis(20);
 /// Longest queue name AMQP allows.
 const MAX_NAME: usize = 255;
+/// How long closing spends deleting the client's reply queues (one broker round trip each).
+const DELETE_INBOXES_WITHIN: Duration = Duration::from_secs(1);
+/// How long closing waits for the connection's close handshake. A closing connection can
+/// miss its `close-ok` when a consumer cancelled at the same moment leaves its channel
+/// half-closed; past this the connection is dropped without the handshake, and the broker
+/// sees the socket close.
+const CLOSE_HANDSHAKE_WITHIN: Duration = Duration::from_secs(2);
 
 /// A connection to RabbitMQ, shared by everything a [`switchboard_core::Client`] does. It
 /// reconnects by itself (trying the configured nodes in order) and resubscribes.
@@ -1154,21 +1161,36 @@ impl Transport for RabbitTransport {
         let Some(s) = session else { return Ok(()) };
         let queues =
             std::mem::take(&mut *self.inner.inboxes.lock().unwrap_or_else(|p| p.into_inner()));
-        for (q, _) in queues {
-            if let Ok(name) = short(&q) {
-                let _ = s
-                    .fast
-                    .queue_delete(name, QueueDeleteOptions::default())
-                    .await;
+        let delete = async {
+            for (q, _) in queues {
+                if let Ok(name) = short(&q) {
+                    let _ = s
+                        .fast
+                        .queue_delete(name, QueueDeleteOptions::default())
+                        .await;
+                }
             }
+        };
+        if tokio::time::timeout(DELETE_INBOXES_WITHIN, delete)
+            .await
+            .is_err()
+        {
+            // They expire on their own (`x-expires`) once nobody uses them.
+            tracing::debug!("RabbitMQ reply queues not deleted within {DELETE_INBOXES_WITHIN:?}");
         }
         match tokio::time::timeout(
-            Duration::from_secs(5),
+            CLOSE_HANDSHAKE_WITHIN,
             s.conn.close(200, "client shutdown".into()),
         )
         .await
         {
-            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Ok(())) => Ok(()),
+            Err(_) => {
+                tracing::debug!(
+                    "RabbitMQ close handshake not finished within {CLOSE_HANDSHAKE_WITHIN:?}; connection dropped"
+                );
+                Ok(())
+            }
             // A consumer cancelled in the background as the transport closed (the reply reader
             // ends with it) can meet its channel half-closed; lapin then ends the connection
             // with that error instead of the close handshake. The connection is gone all the same.
