@@ -41,10 +41,10 @@ const RETURN_POLL: Duration = Duration::from_millis(20);
 const MAX_NAME: usize = 255;
 /// How long closing spends deleting the client's reply queues (one broker round trip each).
 const DELETE_INBOXES_WITHIN: Duration = Duration::from_secs(1);
-/// How long closing waits for the connection's close handshake. A closing connection can
-/// miss its `close-ok` when a consumer cancelled at the same moment leaves its channel
-/// half-closed; past this the connection is dropped without the handshake, and the broker
-/// sees the socket close.
+/// How long closing waits for the connection's close handshake. A client's shutdown once
+/// outlasted 5 s in CI under load (not reproduced; a consumer cancelled as the transport
+/// closes can leave its channel half-closed, see `close`); past this the connection is
+/// dropped without the handshake, and the broker sees the socket close.
 const CLOSE_HANDSHAKE_WITHIN: Duration = Duration::from_secs(2);
 
 /// A connection to RabbitMQ, shared by everything a [`switchboard_core::Client`] does. It
