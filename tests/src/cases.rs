@@ -587,13 +587,13 @@ pub async fn late_reply_is_dropped_and_counted(h: Harness) -> Outcome {
     let server = h.client().await;
     gated_echo(&server, &p, &gate, |req| req.id == 1).await;
     let client = h.client().await;
+    // Long enough for a slow broker to hand the request to its handler before it expires: a
+    // request that arrives expired is dropped unhandled, and no late reply would come (the
+    // likely cause of one failure on SNS/SQS under load with 200 ms).
+    let short = CallOptions::new().timeout(Duration::from_secs(2));
     let err = within(
         "send 1",
-        client.send_with::<Item, Item>(
-            &p,
-            &item(1),
-            &CallOptions::new().timeout(Duration::from_millis(200)),
-        ),
+        client.send_with::<Item, Item>(&p, &item(1), &short),
     )
     .await
     .expect_err("times out");
@@ -627,11 +627,7 @@ pub async fn late_reply_is_dropped_and_counted(h: Harness) -> Outcome {
     // late, is counted, and the handle reports a timeout rather than the stale reply.
     let pending = within(
         "request",
-        client.request_with::<Item, Item>(
-            &p,
-            &item(1),
-            &CallOptions::new().timeout(Duration::from_millis(200)),
-        ),
+        client.request_with::<Item, Item>(&p, &item(1), &short),
     )
     .await
     .expect("accepted");
