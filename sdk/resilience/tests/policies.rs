@@ -128,22 +128,38 @@ async fn retry_recovers_a_transient_failure_and_leaves_other_errors_alone() {
     assert_eq!(heard.retries(), 2);
 }
 
+/// A caller of a service that always fails with `unavailable`, retrying up to 1,000 times
+/// with `backoff` within `within`: the caller, the calls counter and the events heard.
+async fn retrying_until(
+    bus: &str,
+    pattern: &str,
+    within: Duration,
+    backoff: Backoff,
+) -> (Resilient, Arc<AtomicU32>, Heard, Client) {
+    let (server, client) = pair(bus);
+    let calls = flaky(&server, pattern, Arc::new(AtomicBool::new(true))).await;
+    let heard = Heard::default();
+    let policies = heard.listen(
+        Policies::new().pattern(
+            pattern,
+            Policy::new()
+                .timeout(within)
+                .retry(Retry::attempts(1_000).backoff(backoff)),
+        ),
+    );
+    let client = Resilient::new(client, policies).expect("valid");
+    (client, calls, heard, server)
+}
+
 #[tokio::test]
 async fn retries_stop_at_the_deadline() {
-    let (server, client) = pair("policy-deadline");
-    let calls = flaky(&server, "rates.get", Arc::new(AtomicBool::new(true))).await;
-    let heard = Heard::default();
-    let policies =
-        heard.listen(Policies::new().pattern(
-            "rates.get",
-            Policy::new().timeout(Duration::from_millis(300)).retry(
-                Retry::attempts(1_000).backoff(Backoff::exponential(
-                    Duration::from_millis(40),
-                    Duration::from_millis(80),
-                )),
-            ),
-        ));
-    let client = Resilient::new(client, policies).expect("valid");
+    let (client, calls, heard, _server) = retrying_until(
+        "policy-deadline",
+        "rates.get",
+        Duration::from_millis(300),
+        Backoff::exponential(Duration::from_millis(40), Duration::from_millis(80)),
+    )
+    .await;
     let started = Instant::now();
     let err = timeout(STEP, client.send::<_, u32>("rates.get", &1u32))
         .await
@@ -187,20 +203,13 @@ async fn retries_stop_at_the_deadline() {
 /// deadline falls half-way between two ticks.
 #[tokio::test(start_paused = true)]
 async fn a_retry_whose_timer_wakes_past_the_deadline_ends_with_the_last_error() {
-    let (server, client) = pair("policy-late-timer");
-    let calls = flaky(&server, "quotes.get", Arc::new(AtomicBool::new(true))).await;
-    let heard = Heard::default();
-    let policies =
-        heard.listen(Policies::new().pattern(
-            "quotes.get",
-            Policy::new().timeout(Duration::from_micros(10_500)).retry(
-                Retry::attempts(1_000).backoff(Backoff::exponential(
-                    Duration::from_micros(300),
-                    Duration::from_micros(300),
-                )),
-            ),
-        ));
-    let client = Resilient::new(client, policies).expect("valid");
+    let (client, calls, heard, _server) = retrying_until(
+        "policy-late-timer",
+        "quotes.get",
+        Duration::from_micros(10_500),
+        Backoff::exponential(Duration::from_micros(300), Duration::from_micros(300)),
+    )
+    .await;
     let err = timeout(STEP, client.send::<_, u32>("quotes.get", &1u32))
         .await
         .expect("bounded")
