@@ -218,8 +218,9 @@ impl Gateway {
     }
 
     /// Reports `NOT_SERVING`, ends the open streams (unsettled deliveries go back to the
-    /// broker), stops accepting calls, lets the unary calls in progress finish (at most
-    /// `drain`), then shuts the backend down.
+    /// broker; a `SendStream` takes no more calls and ends once those in hand are answered),
+    /// stops accepting calls, lets the unary calls in progress finish (at most `drain`), then
+    /// shuts the backend down.
     ///
     /// # Errors
     /// `Connection` if the server failed while running; the backend's errors while closing.

@@ -8,7 +8,7 @@
 //!
 //! | call | gRPC call used |
 //! | --- | --- |
-//! | `send` | unary `Send`; the deadline travels in the envelope (`deadline_unix_ms`, no `grpc-timeout` as well) and the client ends the call when it passes |
+//! | `send` | a message on the transport's one `SendStream` (opened at the first `send`, again after it ends; unary `Send` with a server that lacks it); the deadline travels in the envelope (`deadline_unix_ms`) and the client stops waiting when it passes |
 //! | `emit` | unary `Emit`, returning once the server's backend accepted the event |
 //! | `request` | unary `Request` (returns at once), the reply on the client's one `Replies` stream |
 //! | handlers | one bidirectional `Subscribe` stream per pattern: deliveries down, acks and nacks up |
@@ -39,6 +39,7 @@
 //! ```
 
 mod config;
+mod lane;
 mod server;
 pub mod status;
 mod transport;

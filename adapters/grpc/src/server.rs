@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use switchboard_core::config::Secret;
 use switchboard_core::envelope::system_time_to_millis;
 use switchboard_core::transport::CloseSignal;
@@ -101,7 +101,8 @@ impl SwitchboardService {
 
     /// Ends every open stream (`Replies`, `Subscribe`, `Serve`) as a server that stops must:
     /// their clients see the stream end, unsettled deliveries go back to the backend, and the
-    /// streams' handlers stop. Unary calls in progress are not affected.
+    /// streams' handlers stop. A `SendStream` takes no more calls and ends once the calls in
+    /// hand are answered; unary calls in progress are not affected.
     pub fn close_streams(&self) {
         self.shared.closing.close();
     }
@@ -169,8 +170,103 @@ impl SwitchboardService {
         Ok(env)
     }
 
+    /// One `Send`: the request handed to the backend, the reply (or the failure) as the
+    /// client gets it.
+    async fn send_one(
+        &self,
+        env: Option<pb::Envelope>,
+        timeout: Option<Duration>,
+    ) -> Result<pb::Envelope, Status> {
+        let mut env = self.envelope_in(env)?;
+        env.reply_to = None;
+        let reply = self
+            .shared
+            .backend
+            .send_envelope(env, timeout)
+            .await
+            .map_err(|e| status::from_error(&e))?;
+        if let Some(e) = &reply.error {
+            return Err(status::from_reply_error(e));
+        }
+        Ok(into_proto(reply))
+    }
+
+    /// Serves one `SendStream`: its calls run concurrently in this one task (at most
+    /// [`SEND_STREAM_IN_FLIGHT`]; while that many are in hand, the next is not read, and
+    /// HTTP/2 flow control holds the client back), each outcome sent as it comes. Ends when
+    /// the client has closed its side (or the server stops) and the calls in hand are
+    /// answered, or at once when the client is gone.
+    async fn run_send_stream(
+        self,
+        mut inbound: Streaming<pb::SendCall>,
+        out: mpsc::Sender<Result<pb::SendOutcome, Status>>,
+    ) {
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut taking = true;
+        let closing = self.shared.closing.clone();
+        loop {
+            tokio::select! {
+                biased;
+                Some(outcome) = running.next(), if !running.is_empty() => {
+                    if out.send(Ok(outcome)).await.is_err() {
+                        break;
+                    }
+                }
+                m = inbound.message(), if taking && running.len() < SEND_STREAM_IN_FLIGHT => match m {
+                    Ok(Some(pb::SendCall { call, envelope })) => {
+                        running.push(self.send_one(envelope, None).map(move |r| outcome(call, r)));
+                    }
+                    Ok(None) => taking = false,
+                    Err(s) => {
+                        tracing::debug!(status = %s, "send stream broken by the client");
+                        taking = false;
+                    }
+                },
+                () = closing.closed(), if taking => taking = false,
+                () = out.closed() => break,
+            }
+            if !taking && running.is_empty() {
+                break;
+            }
+        }
+    }
+
     fn next_stream(&self) -> u64 {
         self.shared.streams.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// How many calls of one `SendStream` the server handles at once.
+const SEND_STREAM_IN_FLIGHT: usize = 1024;
+
+/// A `SendStream` call's outcome: its reply, or the status a unary `Send` would have ended
+/// with.
+fn outcome(call: u64, result: Result<pb::Envelope, Status>) -> pb::SendOutcome {
+    match result {
+        Ok(reply) => pb::SendOutcome {
+            call,
+            reply: Some(reply),
+            error: None,
+        },
+        Err(s) => {
+            let meta = |key: &str| {
+                s.metadata()
+                    .get(key)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            pb::SendOutcome {
+                call,
+                reply: None,
+                error: Some(pb::CallStatus {
+                    code: s.code() as i32,
+                    message: s.message().to_owned(),
+                    kind: meta(status::ERROR_KIND),
+                    error_code: meta(status::ERROR_CODE),
+                }),
+            }
+        }
     }
 }
 
@@ -223,20 +319,21 @@ impl Switchboard for SwitchboardService {
     ) -> Result<Response<pb::SendResponse>, Status> {
         self.authorize(&req)?;
         let timeout = grpc_timeout(req.metadata());
-        let mut env = self.envelope_in(req.into_inner().envelope)?;
-        env.reply_to = None;
-        let reply = self
-            .shared
-            .backend
-            .send_envelope(env, timeout)
-            .await
-            .map_err(|e| status::from_error(&e))?;
-        if let Some(e) = &reply.error {
-            return Err(status::from_reply_error(e));
-        }
-        Ok(Response::new(pb::SendResponse {
-            reply: Some(into_proto(reply)),
-        }))
+        let reply = self.send_one(req.into_inner().envelope, timeout).await?;
+        Ok(Response::new(pb::SendResponse { reply: Some(reply) }))
+    }
+
+    type SendStreamStream = BoxStream<pb::SendOutcome>;
+
+    async fn send_stream(
+        &self,
+        req: Request<Streaming<pb::SendCall>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        self.authorize(&req)?;
+        let inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(SEND_STREAM_IN_FLIGHT);
+        tokio::spawn(self.clone().run_send_stream(inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn emit(

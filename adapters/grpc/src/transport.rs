@@ -24,9 +24,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::NAME;
 use crate::config::GrpcConfig;
+use crate::lane::{Lanes, Outcome};
 use crate::status::{ERROR_KIND, to_error};
 
-type Rpc = SwitchboardClient<Channel>;
+pub(crate) type Rpc = SwitchboardClient<Channel>;
 
 /// How many `request`s may wait for the server to accept them at once.
 const REQUESTS_IN_FLIGHT: usize = 256;
@@ -52,6 +53,8 @@ struct Inner {
     inboxes: dashmap::DashMap<String, mpsc::UnboundedSender<Delivery>>,
     /// Bounds the requests still waiting for the server's answer (see `publish`).
     requesting: Arc<tokio::sync::Semaphore>,
+    /// The stream `send`s travel on.
+    lanes: Lanes,
 }
 
 impl std::fmt::Debug for GrpcTransport {
@@ -163,6 +166,7 @@ impl GrpcTransport {
                 closed: CloseSignal::new(),
                 inboxes: dashmap::DashMap::new(),
                 requesting: Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT)),
+                lanes: Lanes::default(),
             }),
         })
     }
@@ -593,24 +597,22 @@ impl Requester for GrpcTransport {
         if implied {
             wire.correlation_id.clear();
         }
-        // The deadline travels in the envelope (`deadline_unix_ms`), which the server honours
-        // as it honours a `grpc-timeout`; that header is not sent as well, since tonic's server
-        // would arm a second timer for it on every call. Here the call ends at the deadline:
-        // dropping it resets its stream, which ends the server's side too.
-        let req = self.req(pb::SendRequest {
-            envelope: Some(wire),
-        });
-        let mut rpc = self.inner.rpc.clone();
-        let sent = match tokio::time::timeout_at(deadline, rpc.send(req)).await {
-            Ok(sent) => sent,
-            Err(_) => return Err(Error::timeout(NAME, left)),
+        let inner = &self.inner;
+        let lane = inner
+            .lanes
+            .lane(&inner.rpc, inner.token.as_ref(), &inner.closed)
+            .await;
+        let outcome = match lane {
+            Ok(Some(lane)) => lane.call(wire, deadline, left).await,
+            Ok(None) => self.unary_call(wire, deadline, left).await,
+            Err(e) => Err(e),
         };
-        match sent {
-            Ok(r) => {
-                let reply = r
-                    .into_inner()
-                    .reply
-                    .ok_or_else(|| Error::codec(NAME, "the server's reply has no envelope"))?;
+        let outcome = match outcome {
+            Err(_) if inner.closed.is_closed() => return Err(Error::closed(NAME)),
+            other => other?,
+        };
+        match outcome {
+            Ok(reply) => {
                 let mut env = from_proto(reply)?;
                 env.complete_reply(correlation);
                 Ok(env)
@@ -640,6 +642,33 @@ impl Requester for GrpcTransport {
     }
 }
 
+impl GrpcTransport {
+    /// A `send` as a unary `Send`, for a server without `SendStream`. The deadline travels in
+    /// the envelope (`deadline_unix_ms`), which the server honours as it honours a
+    /// `grpc-timeout`; that header is not sent as well, since tonic's server would arm a
+    /// second timer for it on every call. Here the call ends at the deadline: dropping it
+    /// resets its stream, which ends the server's side too.
+    async fn unary_call(
+        &self,
+        wire: pb::Envelope,
+        deadline: Instant,
+        left: Duration,
+    ) -> Result<Outcome> {
+        let req = self.req(pb::SendRequest {
+            envelope: Some(wire),
+        });
+        let mut rpc = self.inner.rpc.clone();
+        match tokio::time::timeout_at(deadline, rpc.send(req)).await {
+            Ok(Ok(r)) => match r.into_inner().reply {
+                Some(reply) => Ok(Ok(reply)),
+                None => Err(Error::codec(NAME, "the server's reply has no envelope")),
+            },
+            Ok(Err(s)) => Ok(Err(s)),
+            Err(_) => Err(Error::timeout(NAME, left)),
+        }
+    }
+}
+
 #[async_trait]
 impl Transport for GrpcTransport {
     fn name(&self) -> &'static str {
@@ -656,6 +685,7 @@ impl Transport for GrpcTransport {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.close();
+        self.inner.lanes.close();
         Ok(())
     }
 }

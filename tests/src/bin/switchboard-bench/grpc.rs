@@ -145,6 +145,14 @@ impl Switchboard for Raw {
     ) -> Result<Response<pb::InfoResponse>, Status> {
         Err(Status::unimplemented("raw bench server"))
     }
+
+    type SendStreamStream = Never<pb::SendOutcome>;
+    async fn send_stream(
+        &self,
+        _: Request<Streaming<pb::SendCall>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        Err(Status::unimplemented("raw bench server"))
+    }
 }
 
 pub(crate) async fn serve_raw(url: &str, counted: Arc<AtomicU64>, all: Arc<Notify>, total: u64) {
