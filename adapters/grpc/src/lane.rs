@@ -3,14 +3,14 @@
 //! and is matched to its outcome by a number. The stream is opened at the first `send` and
 //! again after it ends; a server without `SendStream` gets unary `Send`s.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
+use switchboard_core::envelope::IdHash;
 use switchboard_core::transport::CloseSignal;
-use switchboard_core::{Error, ErrorKind, Result};
-use switchboard_proto::pb;
+use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, Result};
+use switchboard_proto::{pb, read_stream_reply};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,29 +24,8 @@ use crate::status::{ERROR_CODE, ERROR_KIND, to_error};
 /// its deadline).
 const QUEUED_CALLS: usize = 1024;
 
-/// Hashes a call number by one multiplication: well spread, without a general-purpose
-/// hasher's cost per call.
-#[derive(Default)]
-struct CallHasher(u64);
-
-impl Hasher for CallHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
 /// What a call gets back: the reply, or the status a unary `Send` would have ended with.
-pub(crate) type Outcome = std::result::Result<pb::Envelope, Status>;
+pub(crate) type Outcome = std::result::Result<Envelope, Status>;
 
 /// The transport's `SendStream`, opened when first needed.
 #[derive(Default)]
@@ -61,7 +40,7 @@ pub(crate) struct Lanes {
 /// One open `SendStream`.
 pub(crate) struct Lane {
     calls: mpsc::Sender<pb::SendCall>,
-    waiters: DashMap<u64, oneshot::Sender<pb::SendOutcome>, BuildHasherDefault<CallHasher>>,
+    waiters: DashMap<u64, oneshot::Sender<pb::SendOutcome>, IdHash>,
     next: AtomicU64,
     /// Closed when the stream ended: calls waiting fail, the next call opens a new stream.
     ended: CloseSignal,
@@ -99,12 +78,21 @@ impl Lanes {
         token: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
         closed: &CloseSignal,
     ) -> Result<Option<Arc<Lane>>> {
-        if let Some(lane) = self.open_lane() {
-            return Ok(Some(lane));
+        match self.open_lane() {
+            Some(lane) => Ok(Some(lane)),
+            None if self.unary_only.load(Ordering::Relaxed) => Ok(None),
+            // Boxed: opening is rare, and its future (tonic's call among it) is large; inline,
+            // it would make every call's future as large.
+            None => Box::pin(self.open(rpc, token, closed)).await,
         }
-        if self.unary_only.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
+    }
+
+    async fn open(
+        &self,
+        rpc: &crate::transport::Rpc,
+        token: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        closed: &CloseSignal,
+    ) -> Result<Option<Arc<Lane>>> {
         let _opening = self.opening.lock().await;
         if let Some(lane) = self.open_lane() {
             return Ok(Some(lane));
@@ -157,13 +145,15 @@ impl Lanes {
 }
 
 impl Lane {
-    /// One call: `envelope` written to the stream, its outcome awaited until `deadline`.
+    /// One call: `envelope` written to the stream, its outcome awaited until `deadline`, its
+    /// reply read with the call's `correlation` ([`read_stream_reply`]).
     ///
     /// # Errors
     /// `Timeout` at the deadline; `Connection` if the stream ends first.
     pub(crate) async fn call(
         &self,
         envelope: pb::Envelope,
+        correlation: Option<CorrelationId>,
         deadline: Instant,
         left: std::time::Duration,
     ) -> Result<Outcome> {
@@ -193,7 +183,7 @@ impl Lane {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(o)) => Ok(match (o.reply, o.error) {
                 (_, Some(e)) => Err(status_of(e)),
-                (Some(reply), None) => Ok(reply),
+                (Some(reply), None) => Ok(read_stream_reply(reply, correlation)?),
                 (None, None) => {
                     return Err(Error::codec(
                         NAME,

@@ -20,7 +20,7 @@ use switchboard_core::{
 };
 use switchboard_proto::pb::switchboard_server::{Switchboard, SwitchboardServer};
 use switchboard_proto::pb::{self, RouteKind};
-use switchboard_proto::{from_proto, into_proto, to_proto};
+use switchboard_proto::{from_proto, into_proto, stream_reply, to_proto};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -172,23 +172,28 @@ impl SwitchboardService {
 
     /// One `Send`: the request handed to the backend, the reply (or the failure) as the
     /// client gets it.
-    async fn send_one(
+    ///
+    /// The request is read before the future is made, and goes straight into the backend's
+    /// call: the future holds no copy of it, and stays small as a stream's calls are moved
+    /// into the set that runs them.
+    fn send_one(
         &self,
         env: Option<pb::Envelope>,
         timeout: Option<Duration>,
-    ) -> Result<pb::Envelope, Status> {
-        let mut env = self.envelope_in(env)?;
+    ) -> impl Future<Output = Result<Envelope, Status>> + Send + '_ {
+        let mut env = match self.envelope_in(env) {
+            Ok(env) => env,
+            Err(s) => return futures::future::Either::Left(std::future::ready(Err(s))),
+        };
         env.reply_to = None;
-        let reply = self
-            .shared
-            .backend
-            .send_envelope(env, timeout)
-            .await
-            .map_err(|e| status::from_error(&e))?;
-        if let Some(e) = &reply.error {
-            return Err(status::from_reply_error(e));
-        }
-        Ok(into_proto(reply))
+        let call = self.shared.backend.send_envelope(env, timeout);
+        futures::future::Either::Right(async move {
+            let reply = call.await.map_err(|e| status::from_error(&e))?;
+            if let Some(e) = &reply.error {
+                return Err(status::from_reply_error(e));
+            }
+            Ok(reply)
+        })
     }
 
     /// Serves one `SendStream`: its calls run concurrently in this one task (at most
@@ -239,13 +244,13 @@ impl SwitchboardService {
 /// How many calls of one `SendStream` the server handles at once.
 const SEND_STREAM_IN_FLIGHT: usize = 1024;
 
-/// A `SendStream` call's outcome: its reply, or the status a unary `Send` would have ended
-/// with.
-fn outcome(call: u64, result: Result<pb::Envelope, Status>) -> pb::SendOutcome {
+/// A `SendStream` call's outcome: its reply, without what the caller knows
+/// ([`stream_reply`]), or the status a unary `Send` would have ended with.
+fn outcome(call: u64, result: Result<Envelope, Status>) -> pb::SendOutcome {
     match result {
         Ok(reply) => pb::SendOutcome {
             call,
-            reply: Some(reply),
+            reply: Some(stream_reply(reply)),
             error: None,
         },
         Err(s) => {
@@ -320,7 +325,9 @@ impl Switchboard for SwitchboardService {
         self.authorize(&req)?;
         let timeout = grpc_timeout(req.metadata());
         let reply = self.send_one(req.into_inner().envelope, timeout).await?;
-        Ok(Response::new(pb::SendResponse { reply: Some(reply) }))
+        Ok(Response::new(pb::SendResponse {
+            reply: Some(into_proto(reply)),
+        }))
     }
 
     type SendStreamStream = BoxStream<pb::SendOutcome>;

@@ -15,7 +15,7 @@ use switchboard_core::{
 };
 use switchboard_proto::pb::switchboard_client::SwitchboardClient;
 use switchboard_proto::pb::{self, RouteKind};
-use switchboard_proto::{from_proto, into_proto, to_proto};
+use switchboard_proto::{from_proto, into_proto, send_call_envelope, to_proto};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -590,21 +590,18 @@ impl Requester for GrpcTransport {
             return Err(Error::timeout(NAME, left));
         }
         let correlation = msg.correlation_id;
-        // The correlation id is the request's id unless carried from a parent: then it is
-        // left out, and the server takes the one for the other.
-        let implied = correlation.is_some_and(|c| c.as_uuid() == msg.id.as_uuid());
-        let mut wire = into_proto(msg);
-        if implied {
-            wire.correlation_id.clear();
-        }
         let inner = &self.inner;
         let lane = inner
             .lanes
             .lane(&inner.rpc, inner.token.as_ref(), &inner.closed)
             .await;
         let outcome = match lane {
-            Ok(Some(lane)) => lane.call(wire, deadline, left).await,
-            Ok(None) => self.unary_call(wire, deadline, left).await,
+            Ok(Some(lane)) => {
+                lane.call(send_call_envelope(msg), correlation, deadline, left)
+                    .await
+            }
+            // Boxed: a rare path, whose (large) future would otherwise make every call's so.
+            Ok(None) => Box::pin(self.unary_call(msg, deadline, left)).await,
             Err(e) => Err(e),
         };
         let outcome = match outcome {
@@ -612,11 +609,7 @@ impl Requester for GrpcTransport {
             other => other?,
         };
         match outcome {
-            Ok(reply) => {
-                let mut env = from_proto(reply)?;
-                env.complete_reply(correlation);
-                Ok(env)
-            }
+            Ok(reply) => Ok(reply),
             Err(s) => {
                 // A failed handler's reply is returned as a reply with its error, as every
                 // transport returns it: core turns it into the caller's `Handler` error.
@@ -650,17 +643,29 @@ impl GrpcTransport {
     /// resets its stream, which ends the server's side too.
     async fn unary_call(
         &self,
-        wire: pb::Envelope,
+        msg: Envelope,
         deadline: Instant,
         left: Duration,
     ) -> Result<Outcome> {
+        let correlation = msg.correlation_id;
+        // The correlation id is the request's id unless carried from a parent: then it is
+        // left out, and the server takes the one for the other.
+        let implied = correlation.is_some_and(|c| c.as_uuid() == msg.id.as_uuid());
+        let mut wire = into_proto(msg);
+        if implied {
+            wire.correlation_id.clear();
+        }
         let req = self.req(pb::SendRequest {
             envelope: Some(wire),
         });
         let mut rpc = self.inner.rpc.clone();
         match tokio::time::timeout_at(deadline, rpc.send(req)).await {
             Ok(Ok(r)) => match r.into_inner().reply {
-                Some(reply) => Ok(Ok(reply)),
+                Some(reply) => {
+                    let mut env = from_proto(reply)?;
+                    env.complete_reply(correlation);
+                    Ok(Ok(env))
+                }
                 None => Err(Error::codec(NAME, "the server's reply has no envelope")),
             },
             Ok(Err(s)) => Ok(Err(s)),

@@ -23,7 +23,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::metrics::{CallMetrics, InFlight};
 use crate::serve::ServiceControl;
 use crate::stats::{Counters, Stats};
-use crate::trace::{self, call_span, traced};
+use crate::trace::{self, call_span};
 use crate::transport::{Route, SubscribeOptions, Subscription, Transport};
 
 /// Client-wide settings.
@@ -457,7 +457,9 @@ impl Client {
         env.deadline = Some(wall);
         let span = call_span!("send", pattern, env);
         trace::inject(&span, &mut env.headers);
-        let reply = traced!(self.round_trip(pattern, env, deadline, timeout), span)?;
+        let reply = self
+            .traced_round_trip(pattern, env, deadline, timeout, span)
+            .await?;
         decode_reply(reply, self.adapter()).inspect_err(|e| self.inner.metrics.failed("send", e))
     }
 
@@ -470,13 +472,19 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::send`], except a failed handler's error, which is the reply's `error`.
-    pub async fn send_envelope(
+    pub fn send_envelope(
         &self,
         mut env: Envelope,
         timeout: Option<Duration>,
-    ) -> Result<Envelope> {
-        validate_pattern(&env.pattern)?;
-        self.check_size(env.payload.len())?;
+    ) -> impl Future<Output = Result<Envelope>> + Send + '_ {
+        // Checked and prepared here, not in the future: the future returned holds the
+        // envelope only until its first poll moves it into the transport's (boxed) call, and
+        // stays small wherever a bridge moves it (inside its own per-call future).
+        let checked =
+            validate_pattern(&env.pattern).and_then(|()| self.check_size(env.payload.len()));
+        if let Err(e) = checked {
+            return futures::future::Either::Left(std::future::ready(Err(e)));
+        }
         let timeout = timeout.unwrap_or(self.inner.config.timeout);
         let (now, now_wall) = (Instant::now(), SystemTime::now());
         let (mut deadline, mut wall, mut timeout) = (now + timeout, now_wall + timeout, timeout);
@@ -485,10 +493,14 @@ impl Client {
             (deadline, wall, timeout) = (now + left, own, left);
         }
         env.deadline = Some(wall);
-        let pattern = env.pattern.clone();
-        let span = call_span!("send", pattern, env);
+        let span = call_span!("send", env.pattern, env);
         trace::inject(&span, &mut env.headers);
-        traced!(self.round_trip(&pattern, env, deadline, timeout), span)
+        // The call borrows the pattern: a copy of it lives in the future beside the envelope.
+        let pattern = env.pattern.clone();
+        futures::future::Either::Right(async move {
+            self.traced_round_trip(&pattern, env, deadline, timeout, span)
+                .await
+        })
     }
 
     /// Publishes an envelope built elsewhere to `route` (an event, a request carrying its own
@@ -521,67 +533,79 @@ impl Client {
     }
 
     /// The request-reply round trip of `send`, counted and timed.
-    async fn round_trip(
-        &self,
-        pattern: &str,
+    /// [`Client::round_trip`] in `span` when tracing is on: the call is started inside the
+    /// span as well as polled in it.
+    fn traced_round_trip<'a>(
+        &'a self,
+        pattern: &'a str,
         env: Envelope,
         deadline: Instant,
         timeout: Duration,
-    ) -> Result<Envelope> {
-        let m = &self.inner.metrics;
-        m.sent.increment(1);
-        let _in_flight = InFlight::enter(&m.sends_in_flight);
-        let started = Instant::now();
-        let reply = self.exchange(pattern, env, deadline, timeout).await;
-        m.send_seconds.record(started.elapsed());
-        if let Err(e) = &reply {
-            m.failed("send", e);
+        span: tracing::Span,
+    ) -> impl Future<Output = Result<Envelope>> + Send + 'a {
+        if span.is_disabled() {
+            futures::future::Either::Left(self.round_trip(pattern, env, deadline, timeout))
+        } else {
+            let call = span.in_scope(|| self.round_trip(pattern, env, deadline, timeout));
+            futures::future::Either::Right(call.instrument(span))
         }
-        reply
     }
 
-    /// The request-reply exchange, on the native requester or the correlator.
-    async fn exchange(
-        &self,
-        pattern: &str,
+    /// A `send`'s exchange with its metrics. The transport's call is made before the future
+    /// is returned: the envelope moves once, into the call (which the transport boxes), and
+    /// the future, held inside each caller's own, carries only that box. Every layer an
+    /// envelope passes by value in an `async fn` keeps room for it in its future, and moves
+    /// it as it starts.
+    fn round_trip<'a>(
+        &'a self,
+        pattern: &'a str,
         mut env: Envelope,
         deadline: Instant,
         timeout: Duration,
-    ) -> Result<Envelope> {
+    ) -> impl Future<Output = Result<Envelope>> + Send + 'a {
+        let m = &self.inner.metrics;
+        m.sent.increment(1);
+        let in_flight = InFlight::enter(&m.sends_in_flight);
+        let started = Instant::now();
         Counters::inc(&self.inner.counters.sent);
-        let reply = match self.inner.transport.requester() {
+        let requester = self.inner.transport.requester();
+        let native = requester.is_some();
+        let call: Pin<Box<dyn Future<Output = Result<Envelope>> + Send + 'a>> = match requester {
             Some(r) => {
                 env.correlation_id
                     .get_or_insert(CorrelationId::from(env.id));
-                r.call(pattern, env, deadline).await.map_err(|e| {
-                    // The requester only knows the deadline; the caller asked for a timeout.
-                    if e.kind() == ErrorKind::Timeout {
-                        Error::timeout(e.adapter(), timeout)
-                    } else {
-                        e
-                    }
-                })?
+                r.call(pattern, env, deadline)
             }
-            None => {
-                // Boxed: the correlator's future is large, and inline it would make every
-                // call's future as large, to be copied as calls move, on every transport. The
-                // price is one allocation per call on the transports that take this path,
-                // beside a round trip over a broker.
-                Box::pin(async {
-                    let c = self.correlator().await?;
-                    c.call(
-                        self.inner.transport.as_ref(),
-                        pattern,
-                        env,
-                        deadline,
-                        timeout,
-                    )
-                    .await
-                })
-                .await?
-            }
+            // The correlator's future is large: boxed, it costs one allocation per call on the
+            // transports that take this path, beside a round trip over a broker.
+            None => Box::pin(async move {
+                let c = self.correlator().await?;
+                c.call(
+                    self.inner.transport.as_ref(),
+                    pattern,
+                    env,
+                    deadline,
+                    timeout,
+                )
+                .await
+            }),
         };
-        Ok(reply)
+        async move {
+            let _in_flight = in_flight;
+            let reply = call.await.map_err(|e| {
+                // The requester only knows the deadline; the caller asked for a timeout.
+                if native && e.kind() == ErrorKind::Timeout {
+                    Error::timeout(e.adapter(), timeout)
+                } else {
+                    e
+                }
+            });
+            m.send_seconds.record(started.elapsed());
+            if let Err(e) = &reply {
+                m.failed("send", e);
+            }
+            reply
+        }
     }
 
     /// Emits an event to `pattern`: every consumer group subscribed gets it, one member per

@@ -127,7 +127,7 @@ struct Bus {
     inboxes: Mutex<HashMap<String, mpsc::UnboundedSender<Arc<Envelope>>>>,
     /// `send`s waiting for their reply, by the number in their reply address
     /// (`_call.<n>`): the responder's reply goes straight to its caller.
-    calls: dashmap::DashMap<u64, oneshot::Sender<Arc<Envelope>>>,
+    calls: dashmap::DashMap<u64, oneshot::Sender<Arc<Envelope>>, crate::envelope::IdHash>,
     next_call: AtomicU64,
     /// Replies to `_call.` addresses whose caller had stopped waiting.
     late: AtomicU64,

@@ -81,19 +81,3 @@ macro_rules! call_span {
     };
 }
 pub(crate) use call_span;
-
-/// Awaits a future inside `span`; when no subscriber wants the span, awaits it bare. Wrapping
-/// a future moves it into the wrapper, and a send's future is some kilobytes: the copies
-/// measured about 900 instructions a call (callgrind, `switchboard-bench --transport
-/// policies`).
-macro_rules! traced {
-    ($fut:expr, $span:expr) => {{
-        let span: tracing::Span = $span;
-        if span.is_disabled() {
-            $fut.await
-        } else {
-            tracing::Instrument::instrument($fut, span).await
-        }
-    }};
-}
-pub(crate) use traced;

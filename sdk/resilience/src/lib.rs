@@ -72,7 +72,7 @@ pub use redis_store::RedisIdempotencyStore;
 use stack::{Call, Stack};
 
 /// Awaits a call's future in its `call` span; bare when no subscriber wants the span, since
-/// wrapping moves the future, which costs (as core's `traced!` says).
+/// wrapping moves the future into the wrapper, a copy of the whole call's future.
 macro_rules! in_call_span {
     ($fut:expr, $pattern:expr) => {{
         let span = call_span($pattern);

@@ -25,6 +25,10 @@ use crate::workload::{self, Counter, Counts, Figure, check_reply, echo_bytes, en
 /// and a deadline (`grpc-timeout`), so what that metadata costs is measured apart.
 const METADATA_ENV: &str = "SB_BENCH_RAW_METADATA";
 
+/// Set (to anything) to make the raw side's `send` workloads calls on one `SendStream`
+/// ([`RawStream`]) instead of unary calls (`emit` stays unary).
+const STREAM_ENV: &str = "SB_BENCH_RAW_STREAM";
+
 /// The raw server listens one port above the switchboard server.
 pub(crate) fn raw_addr(url: &str) -> SocketAddr {
     let u = url::Url::parse(url).expect("grpc URL");
@@ -147,11 +151,81 @@ impl Switchboard for Raw {
     }
 
     type SendStreamStream = Never<pb::SendOutcome>;
+    /// Echoes each call of the stream in the order they come, in one task.
     async fn send_stream(
         &self,
-        _: Request<Streaming<pb::SendCall>>,
+        req: Request<Streaming<pb::SendCall>>,
     ) -> Result<Response<Self::SendStreamStream>, Status> {
-        Err(Status::unimplemented("raw bench server"))
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Ok(Some(c)) = inbound.message().await {
+                let payload = echo_bytes(&c.envelope.unwrap_or_default().payload);
+                let out = pb::SendOutcome {
+                    call: c.call,
+                    reply: Some(pb::Envelope {
+                        payload: payload.into(),
+                        ..Default::default()
+                    }),
+                    error: None,
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// The raw side's calls on one `SendStream` (with `SB_BENCH_RAW_STREAM` set): the same
+/// design as switchboard's `send` (a number per call, a map of waiters, a task reading the
+/// outcomes), with nothing else, to measure switchboard's cost over that design apart from
+/// what the design saves over unary calls.
+struct RawStream {
+    calls: tokio::sync::mpsc::Sender<pb::SendCall>,
+    waiters: dashmap::DashMap<u64, tokio::sync::oneshot::Sender<pb::SendOutcome>>,
+    next: AtomicU64,
+}
+
+impl RawStream {
+    async fn open(client: &mut SwitchboardClient<tonic::transport::Channel>) -> Arc<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let mut outcomes = client
+            .send_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("open the stream")
+            .into_inner();
+        let lane = Arc::new(RawStream {
+            calls: tx,
+            waiters: dashmap::DashMap::new(),
+            next: AtomicU64::new(0),
+        });
+        let reader = lane.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(o)) = outcomes.message().await {
+                if let Some((_, tx)) = reader.waiters.remove(&o.call) {
+                    let _ = tx.send(o);
+                }
+            }
+        });
+        lane
+    }
+
+    async fn call(&self, envelope: pb::Envelope) -> pb::Envelope {
+        let call = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters.insert(call, tx);
+        self.calls
+            .send(pb::SendCall {
+                call,
+                envelope: Some(envelope),
+            })
+            .await
+            .expect("the stream takes the call");
+        rx.await.expect("an outcome").reply.expect("a reply")
     }
 }
 
@@ -202,10 +276,27 @@ pub(crate) async fn run_raw(url: &str, c: &Counts, counter: &mut Counter) -> Vec
         let r = client.send(req).await.expect("send");
         check_reply(&r.into_inner().reply.expect("reply").payload, i);
     };
-    let cl = client.clone();
-    let mut figs = workload::request_reply(c, move |i| call(cl.clone(), i)).await;
-    let cl = client.clone();
-    figs.extend(workload::async_calls(c, |i| call(cl.clone(), i)).await);
+    let mut figs = if std::env::var_os(STREAM_ENV).is_some() {
+        let mut opener = client.clone();
+        let lane = RawStream::open(&mut opener).await;
+        let call = move |lane: Arc<RawStream>, i: u64| async move {
+            let reply = lane
+                .call(envelope("bench.echo", i).expect("an envelope"))
+                .await;
+            check_reply(&reply.payload, i);
+        };
+        let l = lane.clone();
+        let mut figs = workload::request_reply(c, move |i| call(l.clone(), i)).await;
+        let l = lane.clone();
+        figs.extend(workload::async_calls(c, |i| call(l.clone(), i)).await);
+        figs
+    } else {
+        let cl = client.clone();
+        let mut figs = workload::request_reply(c, move |i| call(cl.clone(), i)).await;
+        let cl = client.clone();
+        figs.extend(workload::async_calls(c, |i| call(cl.clone(), i)).await);
+        figs
+    };
     figs.extend(
         workload::events(
             c,
