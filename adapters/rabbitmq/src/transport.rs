@@ -77,12 +77,8 @@ type Calls = DashMap<CorrelationId, oneshot::Sender<Envelope>, IdHash>;
 /// The waiting call a direct reply or a returned request belongs to, if any: its
 /// `correlation_id` property read as an id (a foreign or garbled one belongs to none).
 fn waiter_of(calls: &Calls, props: &BasicProperties) -> Option<oneshot::Sender<Envelope>> {
-    let id = props
-        .correlation_id()
-        .as_ref()?
-        .as_str()
-        .parse::<CorrelationId>()
-        .ok()?;
+    // A foreign responder may echo the request's property whole, deadline and all.
+    let id = crate::codec::correlation_of(props)?;
     calls.remove(&id).map(|(_, tx)| tx)
 }
 
