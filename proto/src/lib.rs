@@ -97,18 +97,7 @@ pub fn stream_reply(mut env: Envelope) -> pb::Envelope {
 /// `Codec` if a causation id is not a UUID.
 pub fn read_stream_reply(m: pb::Envelope, correlation: Option<CorrelationId>) -> Result<Envelope> {
     let id = correlation.map_or_else(MessageId::new, MessageId::from);
-    let mut env = Envelope::with_id(id, m.pattern, m.payload);
-    env.causation_id = non_empty(m.causation_id).map(|s| s.parse()).transpose()?;
-    env.deadline =
-        (m.deadline_unix_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(m.deadline_unix_ms));
-    env.key = non_empty(m.key);
-    env.error = m.error.map(|e| ReplyError {
-        code: e.code,
-        message: e.message,
-    });
-    env.content_type =
-        non_empty(m.content_type).map(|ct| switchboard_core::content_type::intern(&ct));
-    env.headers = m.headers.into_iter().collect();
+    let mut env = envelope_with_id(id, m)?;
     env.complete_reply(correlation);
     Ok(env)
 }
@@ -164,6 +153,11 @@ pub fn from_proto(m: pb::Envelope) -> Result<Envelope> {
     } else {
         m.id.parse()?
     };
+    envelope_with_id(id, m)
+}
+
+/// The protobuf message as an SDK envelope with the id `id` (its own `id` field not read).
+fn envelope_with_id(id: MessageId, m: pb::Envelope) -> Result<Envelope> {
     let mut env = Envelope::with_id(id, m.pattern, m.payload);
     env.correlation_id = non_empty(m.correlation_id).map(|s| s.parse()).transpose()?;
     env.causation_id = non_empty(m.causation_id).map(|s| s.parse()).transpose()?;
