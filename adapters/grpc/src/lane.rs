@@ -14,15 +14,17 @@ use switchboard_proto::{pb, read_stream_reply};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status, Streaming};
 
 use crate::NAME;
-use crate::status::{ERROR_CODE, ERROR_KIND, to_error};
+use crate::status::{from_call_status, to_error};
 
 /// Calls waiting to be written to the stream (beyond them, a `send` waits for room, within
 /// its deadline).
 const QUEUED_CALLS: usize = 1024;
+
+/// The calls a stream carries, as its request body.
+pub(crate) type Calls = ReceiverStream<pb::SendCall>;
 
 /// What a call gets back: the reply, or the status a unary `Send` would have ended with.
 pub(crate) type Outcome = std::result::Result<Envelope, Status>;
@@ -70,12 +72,14 @@ impl Lanes {
     /// The open stream, opened now if there is none; `None` if the server has no
     /// `SendStream`.
     ///
+    /// `request` makes the call's request (with the transport's token) from its body.
+    ///
     /// # Errors
     /// Those of opening the stream (the server unreachable, the token refused).
     pub(crate) async fn lane(
         &self,
         rpc: &crate::transport::Rpc,
-        token: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        request: impl FnOnce(Calls) -> tonic::Request<Calls> + Send,
         closed: &CloseSignal,
     ) -> Result<Option<Arc<Lane>>> {
         match self.open_lane() {
@@ -83,14 +87,14 @@ impl Lanes {
             None if self.unary_only.load(Ordering::Relaxed) => Ok(None),
             // Boxed: opening is rare, and its future (tonic's call among it) is large; inline,
             // it would make every call's future as large.
-            None => Box::pin(self.open(rpc, token, closed)).await,
+            None => Box::pin(self.open(rpc, request, closed)).await,
         }
     }
 
     async fn open(
         &self,
         rpc: &crate::transport::Rpc,
-        token: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        request: impl FnOnce(Calls) -> tonic::Request<Calls> + Send,
         closed: &CloseSignal,
     ) -> Result<Option<Arc<Lane>>> {
         let _opening = self.opening.lock().await;
@@ -98,11 +102,11 @@ impl Lanes {
             return Ok(Some(lane));
         }
         let (tx, rx) = mpsc::channel(QUEUED_CALLS);
-        let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(t) = token {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        let outcomes = match rpc.clone().send_stream(req).await {
+        let outcomes = match rpc
+            .clone()
+            .send_stream(request(ReceiverStream::new(rx)))
+            .await
+        {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == Code::Unimplemented => {
                 tracing::debug!("the server has no SendStream; sends are unary calls");
@@ -182,7 +186,7 @@ impl Lane {
         }
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(o)) => Ok(match (o.reply, o.error) {
-                (_, Some(e)) => Err(status_of(e)),
+                (_, Some(e)) => Err(from_call_status(e)),
                 (Some(reply), None) => Ok(read_stream_reply(reply, correlation)?),
                 (None, None) => {
                     return Err(Error::codec(
@@ -195,19 +199,6 @@ impl Lane {
             Err(_) => Err(Error::timeout(NAME, left)),
         }
     }
-}
-
-/// A streamed call's failure as the status a unary call would have ended with.
-fn status_of(e: pb::CallStatus) -> Status {
-    let mut meta = MetadataMap::new();
-    for (key, value) in [(ERROR_KIND, &e.kind), (ERROR_CODE, &e.error_code)] {
-        if let Ok(v) = MetadataValue::try_from(value.as_str())
-            && !value.is_empty()
-        {
-            meta.insert(key, v);
-        }
-    }
-    Status::with_metadata(Code::from(e.code), e.message, meta)
 }
 
 /// Hands each outcome to its call until the stream ends (or the transport closes); then

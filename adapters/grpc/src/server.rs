@@ -253,25 +253,11 @@ fn outcome(call: u64, result: Result<Envelope, Status>) -> pb::SendOutcome {
             reply: Some(stream_reply(reply)),
             error: None,
         },
-        Err(s) => {
-            let meta = |key: &str| {
-                s.metadata()
-                    .get(key)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            pb::SendOutcome {
-                call,
-                reply: None,
-                error: Some(pb::CallStatus {
-                    code: s.code() as i32,
-                    message: s.message().to_owned(),
-                    kind: meta(status::ERROR_KIND),
-                    error_code: meta(status::ERROR_CODE),
-                }),
-            }
-        }
+        Err(s) => pb::SendOutcome {
+            call,
+            reply: None,
+            error: Some(status::to_call_status(&s)),
+        },
     }
 }
 

@@ -58,6 +58,36 @@ pub fn from_reply_error(e: &ReplyError) -> Status {
     status(e.kind(), &e.code, e.message.clone())
 }
 
+/// A status as a `SendStream` outcome carries it: code, message and the two trailers.
+pub fn to_call_status(s: &Status) -> switchboard_proto::pb::CallStatus {
+    let trailer = |key: &str| {
+        s.metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    switchboard_proto::pb::CallStatus {
+        code: s.code() as i32,
+        message: s.message().to_owned(),
+        kind: trailer(ERROR_KIND),
+        error_code: trailer(ERROR_CODE),
+    }
+}
+
+/// A `SendStream` outcome's failure as the status a unary call would have ended with.
+pub fn from_call_status(c: switchboard_proto::pb::CallStatus) -> Status {
+    let mut trailers = MetadataMap::new();
+    for (key, value) in [(ERROR_KIND, &c.kind), (ERROR_CODE, &c.error_code)] {
+        if let Ok(v) = MetadataValue::try_from(value.as_str())
+            && !value.is_empty()
+        {
+            trailers.insert(key, v);
+        }
+    }
+    Status::with_metadata(Code::from(c.code), c.message, trailers)
+}
+
 /// A status read back into an SDK error: the trailers if the server sent them, else the
 /// status code (for statuses from the gRPC layer itself: connection refused, limits).
 pub fn to_error(s: &Status) -> Error {

@@ -593,7 +593,7 @@ impl Requester for GrpcTransport {
         let inner = &self.inner;
         let lane = inner
             .lanes
-            .lane(&inner.rpc, inner.token.as_ref(), &inner.closed)
+            .lane(&inner.rpc, |calls| self.req(calls), &inner.closed)
             .await;
         let outcome = match lane {
             Ok(Some(lane)) => {
@@ -648,15 +648,9 @@ impl GrpcTransport {
         left: Duration,
     ) -> Result<Outcome> {
         let correlation = msg.correlation_id;
-        // The correlation id is the request's id unless carried from a parent: then it is
-        // left out, and the server takes the one for the other.
-        let implied = correlation.is_some_and(|c| c.as_uuid() == msg.id.as_uuid());
-        let mut wire = into_proto(msg);
-        if implied {
-            wire.correlation_id.clear();
-        }
+        // What the stream's calls leave out, the server draws for a unary `Send` as well.
         let req = self.req(pb::SendRequest {
-            envelope: Some(wire),
+            envelope: Some(send_call_envelope(msg)),
         });
         let mut rpc = self.inner.rpc.clone();
         match tokio::time::timeout_at(deadline, rpc.send(req)).await {
