@@ -14,8 +14,8 @@ use dashmap::DashMap;
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt, TryFutureExt};
 use switchboard_core::transport::{
-    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Requester, Route,
-    SubscribeOptions, Subscriber, Subscription, Transport,
+    Acker, Capabilities, CloseSignal, Confirmation, Delivery, Inbox, NoAck, Publisher, Requester,
+    Route, SubscribeOptions, Subscriber, Subscription, Transport,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, MessageId, ReplyError, Result};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
@@ -273,6 +273,14 @@ impl NatsTransport {
         }
     }
 
+    /// What every publish checks first: the transport is open and the payload fits.
+    fn check_publish(&self, msg: &Envelope) -> Result<()> {
+        if self.inner.closed.is_closed() {
+            return Err(Error::closed(NAME));
+        }
+        self.check_size(msg.payload.len())
+    }
+
     fn check_size(&self, payload: usize) -> Result<()> {
         if payload > self.inner.max_payload {
             return Err(Error::new(
@@ -516,10 +524,7 @@ impl Publisher for NatsTransport {
         fn failed<'a>(e: Error) -> Publishing<'a> {
             Box::pin(std::future::ready(Err(e)))
         }
-        if self.inner.closed.is_closed() {
-            return failed(Error::closed(NAME));
-        }
-        if let Err(e) = self.check_size(msg.payload.len()) {
+        if let Err(e) = self.check_publish(&msg) {
             return failed(e);
         }
         let inner = &self.inner;
@@ -536,6 +541,34 @@ impl Publisher for NatsTransport {
             Route::DeadLetter(pattern) => inner
                 .publish_dead_letter(pattern, msg)
                 .unwrap_or_else(failed),
+        }
+    }
+
+    /// A reply (every request's answer) boxes only the client's publish: the default would
+    /// box a future around [`Publisher::publish`]'s own box, and move the envelope into it.
+    /// The client's publish is enqueued on the connection in call order, as the default's.
+    fn enqueue<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        route: Route<'life1>,
+        msg: Envelope,
+    ) -> BoxFuture<'async_trait, Result<Confirmation>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        let accepted = |()| Confirmation::accepted();
+        match route {
+            Route::Reply(address) => {
+                match self
+                    .check_publish(&msg)
+                    .and_then(|()| self.inner.publish_reply(address, msg))
+                {
+                    Ok(f) => Box::pin(f.map_ok(accepted)),
+                    Err(e) => Box::pin(std::future::ready(Err(e))),
+                }
+            }
+            route => Box::pin(self.publish(route, msg).map_ok(accepted)),
         }
     }
 }

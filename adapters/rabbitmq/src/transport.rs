@@ -2,6 +2,7 @@
 //! `request`, a topic exchange with one durable queue per group for events, publisher
 //! confirms, a dead-letter exchange; reconnection with resubscription.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -940,6 +941,35 @@ impl Publisher for RabbitTransport {
             Route::Reply(address) => Box::pin(inner.publish_reply(address, msg)),
         }
     }
+
+    /// A reply (every request's answer) is one boxed future, the reply's publish: the
+    /// default would box a future around [`Publisher::publish`]'s own box, and move the
+    /// envelope into both. Replies go out on the unconfirmed channel, so the publish is also
+    /// the broker's acceptance, as with the default.
+    fn enqueue<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        route: Route<'life1>,
+        msg: Envelope,
+    ) -> BoxFuture<'async_trait, Result<switchboard_core::transport::Confirmation>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        use switchboard_core::transport::Confirmation as Accepted;
+        match route {
+            Route::Reply(address) if msg.payload.len() <= self.inner.cfg.max_payload => {
+                Box::pin(async move {
+                    self.inner.publish_reply(address, msg).await?;
+                    Ok(Accepted::accepted())
+                })
+            }
+            route => Box::pin(async move {
+                self.publish(route, msg).await?;
+                Ok(Accepted::accepted())
+            }),
+        }
+    }
 }
 
 impl Inner {
@@ -1081,55 +1111,103 @@ impl Drop for CallGuard<'_> {
     }
 }
 
-#[async_trait]
+/// `send`: a request on the session's rpc channel, answered on direct reply-to and matched
+/// by its correlation id.
+///
+/// Written without `async_trait`'s boxed body: with a live session (the usual case) the
+/// request is checked, registered and its properties built before the future is made, so the
+/// one future allocated per `send` holds the publish and the wait, not the envelope, the
+/// session lookup and the properties as well. Without a live session the call waits for one
+/// (within its deadline) first.
 impl Requester for RabbitTransport {
-    async fn call(&self, pattern: &str, msg: Envelope, deadline: Instant) -> Result<Envelope> {
+    fn call<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        pattern: &'life1 str,
+        msg: Envelope,
+        deadline: Instant,
+    ) -> BoxFuture<'async_trait, Result<Envelope>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
         let inner = &self.inner;
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let s = match tokio::time::timeout_at(deadline, inner.session()).await {
-            Ok(s) => s?,
-            Err(_) => return Err(Error::timeout(NAME, timeout)),
-        };
-        let id = msg
-            .correlation_id
-            .ok_or_else(|| Error::invalid_config(NAME, "a request needs a correlation id"))?;
-        let (tx, mut rx) = oneshot::channel();
-        inner.calls.insert(id, tx);
-        let _guard = CallGuard {
-            calls: &inner.calls,
-            id,
-        };
-        let props = with_expiration(properties(&msg, false, Kind::Request), &msg)
-            .with_reply_to(DIRECT_REPLY_TO.into());
-        let confirm = inner
-            .publish_request(&s.rpc, pattern, &msg.payload, props)
-            .await?;
-        // Not in confirm mode: resolves at once; a returned request is found by the
-        // session's return collector and answered as `no_responder`.
-        drop(confirm);
-        tokio::select! {
-            r = &mut rx => r.map(|mut reply| {
-                if let Some(e) = reply
-                    .error
-                    .as_mut()
-                    .filter(|e| e.code == "no_responder" && e.message.is_empty())
-                {
-                    e.message = format!("no handler is serving `{pattern}`");
-                }
-                reply
-            }).map_err(|_| {
-                Error::new(
-                    ErrorKind::Connection,
-                    NAME,
-                    "connection to RabbitMQ lost while waiting for the reply; the request may or may not have been handled",
-                )
+        if inner.closed.is_closed() {
+            return Box::pin(std::future::ready(Err(Error::closed(NAME))));
+        }
+        match inner.current() {
+            Some(s) => match self.start_call(s, pattern, msg, deadline) {
+                Ok(f) => Box::pin(f),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            },
+            None => Box::pin(async move {
+                let timeout = deadline.saturating_duration_since(Instant::now());
+                let s = match tokio::time::timeout_at(deadline, inner.session()).await {
+                    Ok(s) => s?,
+                    Err(_) => return Err(Error::timeout(NAME, timeout)),
+                };
+                self.start_call(s, pattern, msg, deadline)?.await
             }),
-            () = tokio::time::sleep_until(deadline) => Err(Error::timeout(NAME, timeout)),
         }
     }
 
     fn late_replies(&self) -> Option<u64> {
         Some(self.inner.late.load(Ordering::Relaxed))
+    }
+}
+
+impl RabbitTransport {
+    /// Registers a `send` and builds its request; the future publishes it and waits for the
+    /// reply until `deadline`.
+    fn start_call<'a>(
+        &'a self,
+        s: Arc<Session>,
+        pattern: &'a str,
+        msg: Envelope,
+        deadline: Instant,
+    ) -> Result<impl Future<Output = Result<Envelope>> + Send + 'a> {
+        let inner = &self.inner;
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let id = msg
+            .correlation_id
+            .ok_or_else(|| Error::invalid_config(NAME, "a request needs a correlation id"))?;
+        let props = with_expiration(properties(&msg, false, Kind::Request), &msg)
+            .with_reply_to(DIRECT_REPLY_TO.into());
+        let payload = msg.payload;
+        let (tx, mut rx) = oneshot::channel();
+        inner.calls.insert(id, tx);
+        let guard = CallGuard {
+            calls: &inner.calls,
+            id,
+        };
+        Ok(async move {
+            let _guard = guard;
+            let confirm = inner
+                .publish_request(&s.rpc, pattern, &payload, props)
+                .await?;
+            // Not in confirm mode: resolves at once; a returned request is found by the
+            // session's return collector and answered as `no_responder`.
+            drop(confirm);
+            tokio::select! {
+                r = &mut rx => r.map(|mut reply| {
+                    if let Some(e) = reply
+                        .error
+                        .as_mut()
+                        .filter(|e| e.code == "no_responder" && e.message.is_empty())
+                    {
+                        e.message = format!("no handler is serving `{pattern}`");
+                    }
+                    reply
+                }).map_err(|_| {
+                    Error::new(
+                        ErrorKind::Connection,
+                        NAME,
+                        "connection to RabbitMQ lost while waiting for the reply; the request may or may not have been handled",
+                    )
+                }),
+                () = tokio::time::sleep_until(deadline) => Err(Error::timeout(NAME, timeout)),
+            }
+        })
     }
 }
 
