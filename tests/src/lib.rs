@@ -247,14 +247,23 @@ pub async fn within_for<T>(limit: Duration, what: &str, fut: impl IntoFuture<Out
 
 /// Waits until `cond` holds, checking every 5 ms, for at most `limit`; panics naming `what`
 /// otherwise.
-pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub async fn eventually(limit: Duration, what: &str, cond: impl FnMut() -> bool) {
+    if !holds_within(limit, cond).await {
+        panic!("timed out after {limit:?} waiting until: {what}");
+    }
+}
+
+/// Whether `cond` came to hold within `limit` (checked every 5 ms), for a case that says more
+/// than [`eventually`] when it does not.
+pub async fn holds_within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
         if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {limit:?} waiting until: {what}");
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    true
 }
 
 /// Cases that load the broker on purpose. Each runs alone: its flood would otherwise hold up

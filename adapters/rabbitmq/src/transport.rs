@@ -23,8 +23,8 @@ use lapin::{
 };
 use switchboard_core::envelope::IdHash;
 use switchboard_core::transport::{
-    Acker, Capabilities, CloseSignal, Delivery, Inbox, NoAck, Publisher, Requester, Route,
-    SubscribeOptions, Subscriber, Subscription, Transport, UntilClosed,
+    Acker, Capabilities, CloseSignal, Confirmation as Enqueued, Delivery, Inbox, NoAck, Publisher,
+    Requester, Route, SubscribeOptions, Subscriber, Subscription, Transport, UntilClosed,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -950,23 +950,22 @@ impl Publisher for RabbitTransport {
         &'life0 self,
         route: Route<'life1>,
         msg: Envelope,
-    ) -> BoxFuture<'async_trait, Result<switchboard_core::transport::Confirmation>>
+    ) -> BoxFuture<'async_trait, Result<Enqueued>>
     where
         'life0: 'async_trait,
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        use switchboard_core::transport::Confirmation as Accepted;
         match route {
             Route::Reply(address) if msg.payload.len() <= self.inner.cfg.max_payload => {
                 Box::pin(async move {
                     self.inner.publish_reply(address, msg).await?;
-                    Ok(Accepted::accepted())
+                    Ok(Enqueued::accepted())
                 })
             }
             route => Box::pin(async move {
                 self.publish(route, msg).await?;
-                Ok(Accepted::accepted())
+                Ok(Enqueued::accepted())
             }),
         }
     }
