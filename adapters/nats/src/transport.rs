@@ -15,7 +15,7 @@ use futures::future::BoxFuture;
 use futures::{Stream, StreamExt, TryFutureExt};
 use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Confirmation, Delivery, Inbox, NoAck, Publisher, Requester,
-    Route, SubscribeOptions, Subscriber, Subscription, Transport,
+    Route, SubscribeOptions, Subscriber, Subscription, Transport, prepared,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, MessageId, ReplyError, Result};
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore, watch};
@@ -530,14 +530,8 @@ impl Publisher for NatsTransport {
         let inner = &self.inner;
         match route {
             Route::Event(pattern) => inner.publish_event(pattern, msg).unwrap_or_else(failed),
-            Route::Request(pattern) => match inner.publish_request(pattern, msg) {
-                Ok(f) => Box::pin(f),
-                Err(e) => failed(e),
-            },
-            Route::Reply(address) => match inner.publish_reply(address, msg) {
-                Ok(f) => Box::pin(f),
-                Err(e) => failed(e),
-            },
+            Route::Request(pattern) => prepared(inner.publish_request(pattern, msg)),
+            Route::Reply(address) => prepared(inner.publish_reply(address, msg)),
             Route::DeadLetter(pattern) => inner
                 .publish_dead_letter(pattern, msg)
                 .unwrap_or_else(failed),
@@ -559,15 +553,11 @@ impl Publisher for NatsTransport {
     {
         let accepted = |()| Confirmation::accepted();
         match route {
-            Route::Reply(address) => {
-                match self
-                    .check_publish(&msg)
+            Route::Reply(address) => prepared(
+                self.check_publish(&msg)
                     .and_then(|()| self.inner.publish_reply(address, msg))
-                {
-                    Ok(f) => Box::pin(f.map_ok(accepted)),
-                    Err(e) => Box::pin(std::future::ready(Err(e))),
-                }
-            }
+                    .map(|f| f.map_ok(accepted)),
+            ),
             route => Box::pin(self.publish(route, msg).map_ok(accepted)),
         }
     }
@@ -1295,10 +1285,7 @@ impl Requester for NatsTransport {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        match self.start_call(pattern, msg, deadline) {
-            Ok(f) => Box::pin(f),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        prepared(self.start_call(pattern, msg, deadline))
     }
 
     fn late_replies(&self) -> Option<u64> {

@@ -24,7 +24,7 @@ use lapin::{
 use switchboard_core::envelope::IdHash;
 use switchboard_core::transport::{
     Acker, Capabilities, CloseSignal, Confirmation as Enqueued, Delivery, Inbox, NoAck, Publisher,
-    Requester, Route, SubscribeOptions, Subscriber, Subscription, Transport, UntilClosed,
+    Requester, Route, SubscribeOptions, Subscriber, Subscription, Transport, UntilClosed, prepared,
 };
 use switchboard_core::{CorrelationId, Envelope, Error, ErrorKind, ReplyError, Result};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -919,16 +919,8 @@ impl Publisher for RabbitTransport {
         Self: 'async_trait,
     {
         let inner = &self.inner;
-        if msg.payload.len() > inner.cfg.max_payload {
-            return Box::pin(std::future::ready(Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                NAME,
-                format!(
-                    "payload of {} bytes exceeds the limit of {} bytes",
-                    msg.payload.len(),
-                    inner.cfg.max_payload
-                ),
-            ))));
+        if let Err(e) = self.check_size(&msg) {
+            return Box::pin(std::future::ready(Err(e)));
         }
         match route {
             Route::Event(pattern) => {
@@ -957,12 +949,10 @@ impl Publisher for RabbitTransport {
         Self: 'async_trait,
     {
         match route {
-            Route::Reply(address) if msg.payload.len() <= self.inner.cfg.max_payload => {
-                Box::pin(async move {
-                    self.inner.publish_reply(address, msg).await?;
-                    Ok(Enqueued::accepted())
-                })
-            }
+            Route::Reply(address) => prepared(self.check_size(&msg).map(|()| async move {
+                self.inner.publish_reply(address, msg).await?;
+                Ok(Enqueued::accepted())
+            })),
             route => Box::pin(async move {
                 self.publish(route, msg).await?;
                 Ok(Enqueued::accepted())
@@ -1135,10 +1125,7 @@ impl Requester for RabbitTransport {
             return Box::pin(std::future::ready(Err(Error::closed(NAME))));
         }
         match inner.current() {
-            Some(s) => match self.start_call(s, pattern, msg, deadline) {
-                Ok(f) => Box::pin(f),
-                Err(e) => Box::pin(std::future::ready(Err(e))),
-            },
+            Some(s) => prepared(self.start_call(s, pattern, msg, deadline)),
             None => Box::pin(async move {
                 let timeout = deadline.saturating_duration_since(Instant::now());
                 let s = match tokio::time::timeout_at(deadline, inner.session()).await {
@@ -1156,6 +1143,22 @@ impl Requester for RabbitTransport {
 }
 
 impl RabbitTransport {
+    /// A message over the configured size limit is refused before anything is sent.
+    fn check_size(&self, msg: &Envelope) -> Result<()> {
+        let max = self.inner.cfg.max_payload;
+        if msg.payload.len() > max {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                NAME,
+                format!(
+                    "payload of {} bytes exceeds the limit of {max} bytes",
+                    msg.payload.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Registers a `send` and builds its request; the future publishes it and waits for the
     /// reply until `deadline`.
     fn start_call<'a>(

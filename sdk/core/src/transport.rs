@@ -515,6 +515,19 @@ pub trait Publisher: Send + Sync {
     }
 }
 
+/// A transport call whose work before its first wait was done synchronously (checks,
+/// encoding, registering a waiter): its future boxed, or its error as a ready future. For
+/// transports that write a trait method by hand rather than with `async_trait`, so that the one
+/// future allocated per call holds only what is awaited.
+pub fn prepared<'a, T: Send + 'a>(
+    started: Result<impl Future<Output = Result<T>> + Send + 'a>,
+) -> futures::future::BoxFuture<'a, Result<T>> {
+    match started {
+        Ok(f) => Box::pin(f),
+        Err(e) => Box::pin(std::future::ready(Err(e))),
+    }
+}
+
 /// The outcome, still to come or known, of a message handed to [`Publisher::enqueue`].
 #[must_use = "a confirmation reports whether the transport accepted the message"]
 pub struct Confirmation(Option<Pin<Box<dyn Future<Output = Result<()>> + Send + 'static>>>);
