@@ -8,6 +8,15 @@
 //! matched anew, and cost the server more CPU per request). The reply subject is new for every
 //! call anyway.
 //!
+//! Requests sent while others wait go out through the multiplexer's flusher, a task that
+//! hands a batch of them to the client at once: every request a burst of replies sets off
+//! then reaches the connection's task before it writes, and goes out in one write. Each
+//! caller handing its own request to the client would wake the connection's task, which
+//! tokio runs right after the waker, so each would go out in a write of its own, and the
+//! server would read each alone (`docs/benchmarks.md`, "NATS `send` requests in batches").
+//! A request sent while no other waits is handed over by its caller: nothing could join its
+//! batch, and the flusher would only add a task switch to its round trip.
+//!
 //! async-nats has such a multiplexer too (`Client::request`), but its call future is over a
 //! kilobyte (it also holds the one-subscription-per-request variant), which made every `send`
 //! take the allocator's slow path, and it drops replies that come too late unseen. This one
@@ -16,14 +25,17 @@
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::client::PublishError;
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
 use dashmap::DashMap;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use switchboard_core::Result;
 use switchboard_core::transport::{CloseSignal, Registered};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// First part of every `send` reply subject.
@@ -51,11 +63,28 @@ impl Hasher for SeqHasher {
     }
 }
 
-/// What a call receives: its reply, or `None` when the connection was lost while it waited
-/// (the reply may never come).
-pub(crate) type Answer = Option<async_nats::Message>;
+/// What a call receives.
+pub(crate) enum Answer {
+    /// Its reply.
+    Reply(async_nats::Message),
+    /// The connection was lost while the call waited: the reply may never come.
+    Lost,
+    /// The flusher could not hand the request to the client.
+    Unsent(PublishError),
+}
 
 type Waiters = DashMap<u64, oneshot::Sender<Answer>, BuildHasherDefault<SeqHasher>>;
+
+/// A request for the flusher to hand to the client.
+pub(crate) struct Outgoing {
+    pub(crate) subject: Subject,
+    /// The call's reply subject.
+    pub(crate) reply: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) payload: Bytes,
+    /// The call's sequence: whom to tell if the request cannot be handed over.
+    pub(crate) seq: u64,
+}
 
 /// The multiplexer of one connection.
 pub(crate) struct SendMux {
@@ -63,7 +92,12 @@ pub(crate) struct SendMux {
     prefix: String,
     next: AtomicU64,
     waiters: Waiters,
+    /// Calls between their registration and their end, answered or not.
+    calls: AtomicUsize,
     late: AtomicU64,
+    /// Requests for the flusher. Unbounded, but never longer than the calls waiting: each
+    /// queues one request and then waits for its reply.
+    outbox: mpsc::UnboundedSender<Outgoing>,
 }
 
 /// Removes a call's waiter if the call ends without its reply (timeout, lost connection,
@@ -80,6 +114,16 @@ impl Waiting<'_> {
     pub(crate) fn answered(mut self) {
         self.armed = false;
     }
+
+    /// The call's sequence number.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether this is the only call of the connection in progress.
+    pub(crate) fn alone(&self) -> bool {
+        self.mux.calls.load(Ordering::Relaxed) == 1
+    }
 }
 
 impl Drop for Waiting<'_> {
@@ -87,21 +131,25 @@ impl Drop for Waiting<'_> {
         if self.armed {
             self.mux.waiters.remove(&self.seq);
         }
+        self.mux.calls.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// The reader of a connection's replies; stops with the connection.
-pub(crate) struct MuxReader(JoinHandle<()>);
+/// The reader of a connection's replies and the flusher of its requests; both stop with the
+/// connection.
+pub(crate) struct MuxTasks([JoinHandle<()>; 2]);
 
-impl Drop for MuxReader {
+impl Drop for MuxTasks {
     fn drop(&mut self) {
-        self.0.abort();
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
 impl SendMux {
-    /// Subscribes to the replies of this connection (`id` makes its subjects its own) and
-    /// starts reading them. No round trip is needed before the first call: the server handles
+    /// Subscribes to the replies of this connection (`id` makes its subjects its own), starts
+    /// reading them, and starts the flusher of its requests. No round trip is needed before the first call: the server handles
     /// one connection's commands in order, so it has the subscription before any request the
     /// connection publishes after it. When `lost` changes (the connection dropped), every
     /// call waiting is answered `None` at once rather than left to its deadline.
@@ -110,18 +158,24 @@ impl SendMux {
         id: &str,
         closed: &CloseSignal,
         mut lost: watch::Receiver<u64>,
-    ) -> Result<(Arc<SendMux>, MuxReader)> {
+    ) -> Result<(Arc<SendMux>, MuxTasks)> {
         let prefix = format!("{SEND_INBOX_PREFIX}{id}.");
         let sub = client
             .subscribe(format!("{prefix}>"))
             .await
             .map_err(|e| crate::transport::conn_error("subscribe", e))?;
+        let (outbox, outgoing) = mpsc::unbounded_channel();
         let mux = Arc::new(SendMux {
             prefix,
             next: AtomicU64::new(0),
             waiters: Waiters::default(),
+            calls: AtomicUsize::new(0),
             late: AtomicU64::new(0),
+            outbox,
         });
+        // The flusher holds the multiplexer weakly: the multiplexer holds the outbox's sender,
+        // and the transport's end aborts the task (`MuxTasks`).
+        let flusher = tokio::spawn(flush(client.clone(), Arc::downgrade(&mux), outgoing));
         let reader = mux.clone();
         let mut replies = closed.guard(sub);
         let task = tokio::spawn(async move {
@@ -150,17 +204,23 @@ impl SendMux {
                 reader.fail_all();
             }
         });
-        Ok((mux, MuxReader(task)))
+        Ok((mux, MuxTasks([task, flusher])))
     }
 
-    /// Answers every waiting call `None`: the connection was lost.
+    /// Answers every waiting call `Lost`: the connection was lost.
     fn fail_all(&self) {
         let seqs: Vec<u64> = self.waiters.iter().map(|e| *e.key()).collect();
         for seq in seqs {
             if let Some((_, tx)) = self.waiters.remove(&seq) {
-                let _ = tx.send(None);
+                let _ = tx.send(Answer::Lost);
             }
         }
+    }
+
+    /// Queues a call's request for the flusher; `false` if the flusher is gone (the
+    /// transport is ending).
+    pub(crate) fn queue(&self, request: Outgoing) -> bool {
+        self.outbox.send(request).is_ok()
     }
 
     /// Hands a reply to its call; counts it as late if nobody waits for it any more.
@@ -172,7 +232,7 @@ impl SendMux {
             .and_then(leading_number);
         match seq.and_then(|s| self.waiters.remove(&s)) {
             Some((_, tx)) => {
-                if tx.send(Some(m)).is_err() {
+                if tx.send(Answer::Reply(m)).is_err() {
                     // The call gave up between its last check and now.
                     self.late.fetch_add(1, Ordering::Relaxed);
                 }
@@ -185,12 +245,14 @@ impl SendMux {
     }
 
     /// Registers a call: its reply subject (carrying `deadline`, if any), the receiver of its
-    /// reply, and the guard that unregisters it if it ends unanswered.
+    /// reply, and the guard that unregisters it if it ends unanswered (and counts it among
+    /// the calls in progress until it ends).
     pub(crate) fn register(
         &self,
         deadline: Option<SystemTime>,
     ) -> (String, oneshot::Receiver<Answer>, Waiting<'_>) {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let subject = reply_subject(&self.prefix, seq, deadline);
         let (tx, rx) = oneshot::channel();
         self.waiters.insert(seq, tx);
@@ -205,6 +267,38 @@ impl SendMux {
     /// Replies that arrived for no waiting call.
     pub(crate) fn late_replies(&self) -> u64 {
         self.late.load(Ordering::Relaxed)
+    }
+}
+
+/// Hands queued requests to the client in batches. Woken by the first request of a batch, it
+/// yields once (tokio runs a yielded task again only after the tasks already queued), so the
+/// callers woken with it queue theirs too; then it hands over all there are. The first wakes
+/// the connection's task; it runs when the flusher is done, and writes them together. A
+/// request the client refuses fails its call with the client's error.
+async fn flush(
+    client: async_nats::Client,
+    mux: std::sync::Weak<SendMux>,
+    mut outgoing: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    const BATCH: usize = 256;
+    let mut batch = Vec::with_capacity(BATCH);
+    while outgoing.recv_many(&mut batch, BATCH).await > 0 {
+        tokio::task::yield_now().await;
+        while let room @ 1.. = BATCH.saturating_sub(batch.len())
+            && outgoing
+                .recv_many(&mut batch, room)
+                .now_or_never()
+                .is_some_and(|n| n > 0)
+        {}
+        for r in batch.drain(..) {
+            if let Err(e) = client
+                .publish_with_reply_and_headers(r.subject, r.reply, r.headers, r.payload)
+                .await
+                && let Some((_, tx)) = mux.upgrade().and_then(|m| m.waiters.remove(&r.seq))
+            {
+                let _ = tx.send(Answer::Unsent(e));
+            }
+        }
     }
 }
 
@@ -283,6 +377,88 @@ fn leading_number(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A multiplexer on a connection to the NATS server of the tests (`SB_NATS_URL`, default
+    /// `nats://127.0.0.1:4222`; `scripts/test` starts it), and the connection.
+    async fn live_mux(id: &str) -> (async_nats::Client, Arc<SendMux>, MuxTasks, CloseSignal) {
+        let url = std::env::var("SB_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        let client = tokio::time::timeout(
+            Duration::from_secs(10),
+            async_nats::connect(url.trim_start_matches("nats://")),
+        )
+        .await
+        .expect("connects within 10 s")
+        .unwrap_or_else(|e| panic!("these tests need the NATS server at {url}: {e}"));
+        let closed = CloseSignal::new();
+        let (_lost, lost) = watch::channel(0);
+        let (mux, tasks) = SendMux::start(&client, id, &closed, lost)
+            .await
+            .expect("starts");
+        (client, mux, tasks, closed)
+    }
+
+    async fn answer(rx: oneshot::Receiver<Answer>) -> Answer {
+        tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("answered within 10 s")
+            .expect("the waiter is kept until answered")
+    }
+
+    /// Requests queued while other calls wait go out through the flusher, each reply reaches
+    /// its own call, and a request the client refuses fails its call with the client's error
+    /// while the others in its batch go out.
+    #[tokio::test]
+    async fn queued_requests_reach_their_calls_and_a_refused_one_fails_its_call() {
+        let id = format!("mux-test-{}", std::process::id());
+        let (client, mux, _tasks, _closed) = live_mux(&id).await;
+        let subject = format!("{id}.echo");
+        let mut requests = client.subscribe(subject.clone()).await.expect("subscribes");
+        client.flush().await.expect("flushed");
+        let responder = client.clone();
+        let echo = tokio::spawn(async move {
+            while let Some(m) = requests.next().await {
+                let reply = m.reply.expect("a reply subject");
+                responder.publish(reply, m.payload).await.expect("replies");
+            }
+        });
+        let calls: Vec<_> = (0..20u64).map(|_| mux.register(None)).collect();
+        for (i, (reply, _, waiting)) in calls.iter().enumerate() {
+            assert!(!waiting.alone(), "twenty calls wait");
+            // One request in the batch names a subject the client refuses.
+            let subject = if i == 7 {
+                "not a subject".to_owned()
+            } else {
+                subject.clone()
+            };
+            assert!(mux.queue(Outgoing {
+                subject: subject.into(),
+                reply: reply.clone(),
+                headers: HeaderMap::new(),
+                payload: Bytes::from(i.to_string()),
+                seq: waiting.seq(),
+            }));
+        }
+        for (i, (_, rx, waiting)) in calls.into_iter().enumerate() {
+            match answer(rx).await {
+                Answer::Reply(m) if i != 7 => {
+                    assert_eq!(&m.payload[..], i.to_string().as_bytes(), "call {i}");
+                    waiting.answered();
+                }
+                Answer::Unsent(e) if i == 7 => assert_eq!(
+                    e.kind(),
+                    async_nats::client::PublishErrorKind::InvalidSubject,
+                    "{e}"
+                ),
+                Answer::Reply(_) => panic!("call {i} was answered, its request was refused"),
+                Answer::Unsent(e) => panic!("call {i} was not sent: {e}"),
+                Answer::Lost => panic!("call {i}: connection lost"),
+            }
+        }
+        let (_, _, only) = mux.register(None);
+        assert!(only.alone(), "the calls that ended are no longer counted");
+        assert_eq!(mux.late_replies(), 0);
+        echo.abort();
+    }
 
     #[test]
     fn a_deadline_travels_in_the_reply_subject() {

@@ -25,7 +25,7 @@ use crate::NAME;
 use crate::codec::{Implied, delivery_from, envelope_headers, header_map, read_message};
 use crate::config::{EventMode, NatsConfig};
 use crate::inbox::{INBOX_PREFIX, read_reply_subject, reply_parts, reply_subject};
-use crate::mux::{MuxReader, SEND_INBOX_PREFIX, SendMux, deadline_in_reply};
+use crate::mux::{Answer, MuxTasks, Outgoing, SEND_INBOX_PREFIX, SendMux, deadline_in_reply};
 
 /// First part of every client inbox subject.
 /// Queue group every request handler of a pattern joins, so they compete.
@@ -55,7 +55,7 @@ struct Inner {
     subjects: SubjectCache,
     /// `send`'s replies.
     mux: Arc<SendMux>,
-    _mux_reader: MuxReader,
+    _mux_tasks: MuxTasks,
 }
 
 /// Subjects by pattern, so a publish neither formats its subject nor copies it again into
@@ -213,7 +213,7 @@ impl NatsTransport {
         let max_payload = client.server_info().max_payload.saturating_sub(HEADER_ROOM);
         let js = jetstream::new(client.clone());
         let closed = CloseSignal::new();
-        let (mux, mux_reader) = SendMux::start(
+        let (mux, mux_tasks) = SendMux::start(
             &client,
             &connection_token(),
             &closed,
@@ -231,7 +231,7 @@ impl NatsTransport {
                 max_payload,
                 subjects: SubjectCache::default(),
                 mux,
-                _mux_reader: mux_reader,
+                _mux_tasks: mux_tasks,
             }),
         })
     }
@@ -1315,28 +1315,48 @@ impl NatsTransport {
         let subject = inner.request_subject(pattern);
         let (reply_to, reply, waiting) = inner.mux.register(msg.deadline);
         let payload = msg.payload;
+        // Alone, the caller hands its request over itself; while others wait, the flusher
+        // does, in a batch with theirs (`mux`).
+        let own = if waiting.alone() {
+            Some((subject, reply_to, headers, payload))
+        } else {
+            let queued = inner.mux.queue(Outgoing {
+                subject,
+                reply: reply_to,
+                headers,
+                payload,
+                seq: waiting.seq(),
+            });
+            if !queued {
+                return Err(Error::closed(NAME));
+            }
+            None
+        };
         Ok(async move {
-            inner
-                .client
-                .publish_with_reply_and_headers(subject, reply_to, headers, payload)
-                .await
-                .map_err(|e| request_publish_error(e, pattern))?;
+            if let Some((subject, reply_to, headers, payload)) = own {
+                inner
+                    .client
+                    .publish_with_reply_and_headers(subject, reply_to, headers, payload)
+                    .await
+                    .map_err(|e| request_publish_error(e, pattern))?;
+            }
             match tokio::time::timeout_at(deadline, reply).await {
                 Ok(Ok(answer)) => {
                     waiting.answered();
                     match answer {
-                        Some(m) => Ok(reply_envelope(
+                        Answer::Reply(m) => Ok(reply_envelope(
                             m.status,
                             &m.headers,
                             m.payload,
                             pattern,
                             correlation,
                         )),
-                        None => Err(Error::new(
+                        Answer::Lost => Err(Error::new(
                             ErrorKind::Connection,
                             NAME,
                             "connection to NATS lost while waiting for the reply; the request may or may not have been handled",
                         )),
+                        Answer::Unsent(e) => Err(request_publish_error(e, pattern)),
                     }
                 }
                 // The reader stopped: the transport is closing.
