@@ -3,15 +3,17 @@
 //! confirms, a dead-letter exchange; reconnection with resubscription.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures::StreamExt;
 use futures::future::BoxFuture;
+use futures::task::AtomicWaker;
+use futures::{FutureExt, Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
@@ -65,6 +67,8 @@ struct Inner {
     closed: CloseSignal,
     /// Direct reply-to waiters, by correlation id.
     calls: Arc<Calls>,
+    /// `send`s between their start and their end, answered or not.
+    sends: AtomicUsize,
     late: Arc<AtomicU64>,
     /// Reply queues this client declared (deleted on close), each with a way to put a
     /// reply into its subscription: the broker's "no route" for a request becomes a reply.
@@ -83,6 +87,77 @@ fn waiter_of(calls: &Calls, props: &BasicProperties) -> Option<oneshot::Sender<E
     calls.remove(&id).map(|(_, tx)| tx)
 }
 
+/// Hands a direct reply to the call waiting for it, or counts it as late.
+fn deliver_reply(calls: &Calls, late: &AtomicU64, d: lapin::message::Delivery) {
+    match waiter_of(calls, &d.properties) {
+        Some(tx) => {
+            let (mut env, malformed) = read_message(&d.properties, d.data, "");
+            if let Some(why) = malformed {
+                tracing::debug!(reason = %why, "reply with malformed headers");
+            }
+            env.complete_reply(None);
+            let _ = tx.send(env);
+        }
+        None => {
+            late.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Who reads a session's direct replies.
+///
+/// The session's reader task reads them and hands each to its call. A `send` that waits
+/// alone reads them itself instead: the AMQP client's thread then wakes the caller directly,
+/// not the reader task first (a thread hand-off fewer per round trip; see
+/// docs/benchmarks.md, "RabbitMQ: a lone `send` reads its own reply"). While it does, the
+/// reader task is paused, so the two do not race for the reply. It stays paused from one lone
+/// call to the next, and resumes when a call starts while another waits, when a lone caller
+/// finds the replies ended (a lost connection, which the reader task then handles), and when
+/// the session's return collector (every `RETURN_POLL`) finds no call waiting (a late reply
+/// is then counted), the channel gone or the transport closed.
+struct DirectReplies {
+    /// A clone of the session's reply consumer, never polled itself: each lone call reads
+    /// through a clone of it (lapin's clones share one queue, each wakes its own reader).
+    consumer: lapin::Consumer,
+    /// The reader task leaves the replies to a lone call.
+    paused: AtomicBool,
+    /// The reader task, to wake when it resumes.
+    reader: AtomicWaker,
+}
+
+impl DirectReplies {
+    fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    fn resume(&self) {
+        if self.paused.swap(false, Ordering::AcqRel) {
+            self.reader.wake();
+        }
+    }
+}
+
+/// The reader task's view of the replies: nothing while a lone call reads them.
+struct ReaderReplies {
+    consumer: lapin::Consumer,
+    hub: Arc<DirectReplies>,
+}
+
+impl Stream for ReaderReplies {
+    type Item = lapin::Result<lapin::message::Delivery>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        self.hub.reader.register(cx.waker());
+        if self.hub.paused.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        self.consumer.poll_next_unpin(cx)
+    }
+}
+
 /// One live connection and its shared channels.
 struct Session {
     conn: Connection,
@@ -92,6 +167,8 @@ struct Session {
     fast: Channel,
     /// No confirms, consuming direct reply-to: requests via `send` (published mandatory).
     rpc: Channel,
+    /// Who reads the direct replies.
+    replies: Arc<DirectReplies>,
 }
 
 impl Session {
@@ -176,6 +253,7 @@ impl RabbitTransport {
             lost: Arc::new(watch::channel(0).0),
             closed: CloseSignal::new(),
             calls: Arc::new(Calls::default()),
+            sends: AtomicUsize::new(0),
             late: Arc::new(AtomicU64::new(0)),
             inboxes: Mutex::new(Vec::new()),
         });
@@ -383,9 +461,15 @@ impl Inner {
             )
             .await
             .map_err(|e| amqp_error("consume direct replies", e))?;
+        let hub = Arc::new(DirectReplies {
+            consumer: replies.clone(),
+            paused: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
+        });
         // Returned requests: lapin keeps them until asked, so ask while calls are waiting.
         let (returns_ch, returns_calls) = (rpc.clone(), self.calls.clone());
         let returns_closed = self.closed.clone();
+        let returns_hub = hub.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -396,6 +480,9 @@ impl Inner {
                     break;
                 }
                 if returns_calls.is_empty() {
+                    // No call waits, so none reads the replies: the reader task counts what
+                    // comes now (late replies).
+                    returns_hub.resume();
                     continue;
                 }
                 let Ok(returned) = returns_ch.wait_for_confirms().await else {
@@ -413,28 +500,22 @@ impl Inner {
                     }
                 }
             }
+            // The channel is gone or the transport closed: the reader task, if paused, sees
+            // its replies end.
+            returns_hub.resume();
         });
         let calls = self.calls.clone();
         let late = self.late.clone();
         let lost = self.lost.clone();
         let closed = self.closed.clone();
         // Ends with the transport: the close is waited for only while no reply is ready.
-        let mut replies = closed.guard(replies);
+        let mut replies = closed.guard(ReaderReplies {
+            consumer: replies,
+            hub: hub.clone(),
+        });
         tokio::spawn(async move {
             while let Some(Ok(d)) = replies.next().await {
-                match waiter_of(&calls, &d.properties) {
-                    Some(tx) => {
-                        let (mut env, malformed) = read_message(&d.properties, d.data, "");
-                        if let Some(why) = malformed {
-                            tracing::debug!(reason = %why, "reply with malformed headers");
-                        }
-                        env.complete_reply(None);
-                        let _ = tx.send(env);
-                    }
-                    None => {
-                        late.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                deliver_reply(&calls, &late, d);
             }
             if !closed.is_closed() {
                 tracing::warn!("RabbitMQ connection lost; failing waiting requests, reconnecting");
@@ -448,6 +529,7 @@ impl Inner {
             confirm,
             fast,
             rpc,
+            replies: hub,
         })
     }
 
@@ -1091,12 +1173,14 @@ impl Subscriber for RabbitTransport {
 /// Removes a `send`'s waiter when the call ends, however it ends.
 struct CallGuard<'a> {
     calls: &'a Calls,
+    sends: &'a AtomicUsize,
     id: CorrelationId,
 }
 
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
         self.calls.remove(&self.id);
+        self.sends.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1178,9 +1262,20 @@ impl RabbitTransport {
         let payload = msg.payload;
         let (tx, mut rx) = oneshot::channel();
         inner.calls.insert(id, tx);
+        let alone = inner.sends.fetch_add(1, Ordering::Relaxed) == 0;
         let guard = CallGuard {
             calls: &inner.calls,
+            sends: &inner.sends,
             id,
+        };
+        // Alone, the call reads the replies itself (`DirectReplies`); otherwise the reader
+        // task must be reading.
+        let mut own = if alone {
+            s.replies.pause();
+            Some(s.replies.consumer.clone())
+        } else {
+            s.replies.resume();
+            None
         };
         Ok(async move {
             let _guard = guard;
@@ -1190,8 +1285,28 @@ impl RabbitTransport {
             // Not in confirm mode: resolves at once; a returned request is found by the
             // session's return collector and answered as `no_responder`.
             drop(confirm);
+            let reply = std::future::poll_fn(|cx| {
+                loop {
+                    if let Poll::Ready(r) = rx.poll_unpin(cx) {
+                        return Poll::Ready(r);
+                    }
+                    let Some(replies) = own.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    match replies.poll_next_unpin(cx) {
+                        Poll::Ready(Some(Ok(d))) => deliver_reply(&inner.calls, &inner.late, d),
+                        Poll::Ready(_) => {
+                            // The replies ended (the connection was lost): the reader task
+                            // fails the waiting calls, this one among them.
+                            own = None;
+                            s.replies.resume();
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            });
             tokio::select! {
-                r = &mut rx => r.map(|mut reply| {
+                r = reply => r.map(|mut reply| {
                     if let Some(e) = reply
                         .error
                         .as_mut()
