@@ -5,7 +5,7 @@
 //!
 //! | call | NATS feature used |
 //! | --- | --- |
-//! | `send` | core request/reply: the reply subject is `_SB_SEND.<connection>.<sequence>`, read by one wildcard subscription per connection and matched by sequence (late replies counted); a pattern nobody serves fails at once (the server's no-responders notice) |
+//! | `send` | core request/reply: the reply subject is `_SB_SEND.<connection>.<sequence>`, read by one wildcard subscription per connection and matched by sequence (late replies counted); requests made while others wait are handed to the client in batches, so they go out in one write; a pattern nobody serves fails at once (the server's no-responders notice) |
 //! | `request` | switchboard's inbox for the client: the reply subject is `_SB_INBOX.<client>.<correlation id>.<pattern>`, replies arrive on one wildcard subscription and are matched by correlation id; the no-responders notice fails that request at once |
 //! | `emit` | JetStream publish, returning after the stream's ack (or, with `events=core`, a core publish: at-most-once) |
 //! | event handlers | one durable JetStream pull consumer per (pattern, group); members of a group share it |

@@ -5,7 +5,7 @@
 //!
 //! | call | RabbitMQ feature used |
 //! | --- | --- |
-//! | `send` | direct reply-to (`amq.rabbitmq.reply-to`) on one channel per connection, replies matched by correlation id, many in flight; the request is published mandatory with publisher confirms, so a pattern nobody serves fails at once |
+//! | `send` | direct reply-to (`amq.rabbitmq.reply-to`) on one channel per connection, replies matched by correlation id, many in flight (a `send` waiting alone reads its reply itself, without the reader task between); the request is published mandatory (without publisher confirms), so the broker returns a request no queue takes and a pattern nobody serves fails at once |
 //! | `request` | the same request queue, replies to a durable per-client reply queue (`<prefix>.reply.<client>`, deleted on shutdown or after `reply_queue_expires_ms` unused) |
 //! | `emit` | a persistent publish to the topic exchange (`sb.events`, routing key = pattern), returning after the publisher confirm |
 //! | event handlers | one durable queue per (pattern, group), `<prefix>.evt.<pattern>.<group>`, bound by pattern; prefetch = handler concurrency; ack after the handler succeeds |
