@@ -149,10 +149,11 @@ impl Drop for MuxTasks {
 
 impl SendMux {
     /// Subscribes to the replies of this connection (`id` makes its subjects its own), starts
-    /// reading them, and starts the flusher of its requests. No round trip is needed before the first call: the server handles
-    /// one connection's commands in order, so it has the subscription before any request the
-    /// connection publishes after it. When `lost` changes (the connection dropped), every
-    /// call waiting is answered `None` at once rather than left to its deadline.
+    /// reading them, and starts the flusher of its requests. No round trip is needed before
+    /// the first call: the server handles one connection's commands in order, so it has the
+    /// subscription before any request the connection publishes after it. When `lost`
+    /// changes (the connection dropped), every call waiting is answered `Lost` at once rather
+    /// than left to its deadline.
     pub(crate) async fn start(
         client: &async_nats::Client,
         id: &str,
